@@ -1,0 +1,1 @@
+"""Evaluation of merged encoders: cached features and the paper's protocols."""

@@ -1,0 +1,1 @@
+"""One module per evaluation protocol; each is a function of cached features (+ heads) and a seed."""

@@ -1,0 +1,239 @@
+"""Atomic, streaming, sharded safetensors writer.
+
+The shard layout and headers are fixed up front from the names, shapes and dtypes of the output, so each tensor is
+written to disk as soon as it is produced and never buffered: memory stays bounded by the tensor in flight. All
+files go into a temporary folder next to the target, which is renamed onto the target only when everything has
+been written; on any error or interrupt the temporary folder is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergelab.errors import CheckpointError
+
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+# Files copied from the base folder so the output loads with transformers' Auto classes.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "added_tokens.json",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of an output tensor, known before its data exists."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '10KB' or a byte count → bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    cleaned = text.strip().upper()
+    for unit, factor in units.items():
+        if cleaned.endswith(unit) and cleaned[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(cleaned[: -len(unit)]) * factor)
+    if cleaned.isdigit():
+        return int(cleaned)
+    raise CheckpointError(f"cannot parse shard size '{text}'; use e.g. 2GB, 500MB or a byte count")
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own shard)."""
+    shards: list[list[TensorSpec]] = [[]]
+    used = 0
+    for spec in specs:
+        if shards[-1] and used + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += spec.nbytes
+    return [s for s in shards if s] or [[]]
+
+
+def _header_bytes(shard: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in shard:
+        header[spec.name] = {
+            "dtype": _DTYPE_CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+class ShardedWriter:
+    """Write tensors in a fixed order into sharded safetensors inside a temporary folder; see module doc."""
+
+    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int) -> None:
+        unsupported = [s.name for s in specs if s.dtype not in _DTYPE_CODES]
+        if unsupported:
+            raise CheckpointError(f"cannot write dtype of tensor(s) {unsupported[:3]} to safetensors")
+        self.folder = folder
+        self.shards = plan_shards(specs, max_shard_bytes)
+        count = len(self.shards)
+        self.file_names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._order = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
+        self._position = 0
+        self._handle = None
+        self._current_shard = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must be the one the plan expects next, with its shape and dtype."""
+        if self._position >= len(self._order):
+            raise CheckpointError(f"unexpected extra tensor '{name}' written past the end of the plan")
+        shard_index, spec = self._order[self._position]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise CheckpointError(
+                f"writer expected '{spec.name}' {spec.shape} {spec.dtype}, got '{name}' "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if shard_index != self._current_shard:
+            self._open_shard(shard_index)
+        assert self._handle is not None
+        self._handle.write(_tensor_bytes(tensor))
+        self._position += 1
+
+    def _open_shard(self, index: int) -> None:
+        self._close_handle()
+        self._current_shard = index
+        self._handle = open(self.folder / self.file_names[index], "wb")  # noqa: SIM115 - closed in close()
+        self._handle.write(_header_bytes(self.shards[index], {"format": "pt"}))
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (when sharded). Every planned tensor must be written."""
+        if self._position != len(self._order):
+            missing = self._order[self._position][1].name
+            raise CheckpointError(f"writer closed before tensor '{missing}' was written")
+        if not self._order:  # an empty checkpoint still gets a valid (empty) file
+            self._open_shard(0)
+        self._close_handle()
+        if len(self.shards) > 1:
+            weight_map = {spec.name: self.file_names[i] for i, shard in enumerate(self.shards) for spec in shard}
+            total = sum(spec.nbytes for shard in self.shards for spec in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def copy_side_files(source: Path | None, target: Path) -> list[str]:
+    """Copy config and tokenizer files from ``source`` so the output loads with ``from_pretrained``."""
+    copied = []
+    if source is None:
+        return copied
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
+def check_target(out: Path, force: bool) -> None:
+    """An existing output is an error unless ``force``."""
+    if out.exists() and not force:
+        raise CheckpointError(f"output {out} already exists; choose another path or pass --force to replace it")
+
+
+@contextmanager
+def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; rename it onto ``out`` only if the block completes."""
+    out = Path(out)
+    check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file via a temporary file and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = 2 * 10**9,
+                    config_source: Path | None = None, force: bool = False) -> Path:  # fmt: skip
+    """Write an in-memory state dict as (sharded) safetensors + side files, atomically."""
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in state_dict.items()]
+    with atomic_folder(Path(out), force) as tmp:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        try:
+            for name, tensor in state_dict.items():
+                writer.write(name, tensor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        copy_side_files(config_source, tmp)
+    return Path(out)

@@ -1,0 +1,1 @@
+"""Weight-space merging: method registry, streaming engine, and the public ``merge`` API."""

@@ -1,0 +1,81 @@
+"""``mergelab.merge``: the Python entry point to the streaming merge engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import ConfigError
+from mergelab.io.reader import CheckpointReader, open_checkpoint
+from mergelab.io.writer import ShardedWriter, atomic_folder, check_target, copy_side_files, parse_size
+from mergelab.merge.engine import ProgressCallback, plan_merge, stream_merge
+from mergelab.merge.registry import build_method
+from mergelab.merge.selection import DEFAULT_EXCLUDE, TensorSelection
+
+Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | CheckpointReader
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+
+
+def _open(source: Source) -> CheckpointReader:
+    if hasattr(source, "keys") and hasattr(source, "get") and hasattr(source, "shape"):
+        return source  # already a reader
+    return open_checkpoint(source)  # type: ignore[arg-type]
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16'/'fp16'/'fp32' (or a torch dtype) → torch dtype; None keeps each tensor's source dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def merge(
+    method: str,
+    base: Source | None,
+    models: Sequence[Source],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    include: Sequence[str] = (r".*",),
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "2GB",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: ProgressCallback | None = None,
+    **params: Any,
+) -> dict[str, torch.Tensor] | Path:
+    """Merge ``models`` (fine-tunes of ``base``) with ``method`` and its ``params``.
+
+    ``base`` and ``models`` are HF folders, weight files, in-memory state dicts or readers. With ``out=None`` the
+    merged state dict (in the base's layout) is returned; otherwise it is written atomically to ``out`` as sharded
+    safetensors plus the base's config and tokenizer files, and the path is returned.
+    """
+    merge_method = build_method(method, params, len(models))
+    out_dtype = parse_dtype(dtype)
+    if out is not None:
+        check_target(Path(out), force)
+    base_reader = _open(base) if base is not None else None
+    readers = [_open(m) for m in models]
+    plan = plan_merge(base_reader, readers, TensorSelection(tuple(include), tuple(exclude)), out_dtype)
+    stream = stream_merge(merge_method, plan, allow_nonfinite=allow_nonfinite, progress=progress)
+    if out is None:
+        return dict(stream)
+    with atomic_folder(Path(out), force) as tmp:
+        writer = ShardedWriter(tmp, plan.output, parse_size(max_shard_size))
+        try:
+            for name, tensor in stream:
+                writer.write(name, tensor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        copy_side_files(plan.reference.config_dir, tmp)
+    return Path(out)

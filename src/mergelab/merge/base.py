@@ -1,0 +1,67 @@
+"""The contract every merging method implements.
+
+A method sees one tensor at a time (the base tensor and the T fine-tuned tensors, all float32, same shape)
+and returns the merged tensor. Methods that need whole-model statistics (e.g. TIES with a global top-k)
+declare ``num_stat_passes() > 0``: the engine then streams every selected tensor through ``observe`` once
+per pass (calling ``end_pass`` after each) before the merging pass. Nothing here holds a whole model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from mergelab.errors import ConfigError
+
+
+class MethodParams(BaseModel):
+    """Base for a method's parameters: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+class MergeMethod(ABC):
+    """A merging method: ``Params`` declares its parameters; ``merge_tensor`` does the maths per tensor."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
+    needs_base: ClassVar[bool] = True
+    min_models: ClassVar[int] = 1
+    transductive: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams, num_models: int) -> None:
+        if num_models < self.min_models:
+            raise ConfigError(
+                f"method '{self.name}' needs at least {self.min_models} fine-tuned models, got {num_models}"
+            )
+        self.params = params
+        self.num_models = num_models
+
+    def num_stat_passes(self) -> int:
+        """How many statistics passes over all tensors the method needs before merging (default 0)."""
+        return 0
+
+    def observe(self, pass_index: int, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> None:
+        """Accumulate whole-model statistics from one tensor during statistics pass ``pass_index``."""
+
+    def end_pass(self, pass_index: int) -> None:
+        """Finish statistics pass ``pass_index`` (e.g. turn a histogram into a threshold)."""
+
+    @abstractmethod
+    def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Return the merged float32 tensor for ``name`` given the base and the T fine-tuned tensors."""
+
+
+def per_model_values(value: float | Sequence[float], num_models: int, what: str) -> list[float]:
+    """Broadcast a scalar or check a per-model list has exactly ``num_models`` entries."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * num_models
+    values = [float(v) for v in value]
+    if len(values) != num_models:
+        raise ConfigError(f"'{what}' has {len(values)} values but there are {num_models} models; give one per model")
+    return values

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random BERT checkpoints written to a temp dir (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+TINY_BERT = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+    max_position_embeddings=32, type_vocab_size=2,
+)  # fmt: skip
+
+
+def tiny_bert_config(num_labels: int = 3) -> BertConfig:
+    return BertConfig(**TINY_BERT, num_labels=num_labels)
+
+
+def make_family(root: Path, num_models: int = 3, seed: int = 0, noise: float = 0.02,
+                dtype: torch.dtype = torch.float32) -> tuple[Path, list[Path]]:  # fmt: skip
+    """A bare BertModel base (like all-MiniLM-L6-v2) and `num_models` BertForSequenceClassification fine-tunes
+    (base + random task vectors, `bert.` prefix, own classifier head), saved as HF folders."""
+    torch.manual_seed(seed)
+    base = BertModel(tiny_bert_config())
+    base_dir = root / "base"
+    base.to(dtype).save_pretrained(base_dir)
+    finetuned = []
+    for t in range(num_models):
+        model = BertForSequenceClassification(tiny_bert_config(num_labels=2 + t))
+        model.bert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for param in model.bert.parameters():
+                param.add_(noise * torch.randn_like(param))
+        path = root / f"ft{t}"
+        model.to(dtype).save_pretrained(path)
+        finetuned.append(path)
+    return base_dir, finetuned
+
+
+@pytest.fixture
+def family(tmp_path: Path) -> tuple[Path, list[Path]]:
+    return make_family(tmp_path)
