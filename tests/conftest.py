@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 TINY_BERT = dict(
@@ -26,6 +27,10 @@ def make_family(root: Path, num_models: int = 3, seed: int = 0, noise: float = 0
     base = BertModel(tiny_bert_config())
     base_dir = root / "base"
     base.to(dtype).save_pretrained(base_dir)
+    # like all-MiniLM-L6-v2 (saved by an older transformers), the base file carries an int64 buffer
+    state = load_file(str(base_dir / "model.safetensors"))
+    state["embeddings.position_ids"] = torch.arange(TINY_BERT["max_position_embeddings"]).unsqueeze(0)
+    save_file(state, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
     finetuned = []
     for t in range(num_models):
         model = BertForSequenceClassification(tiny_bert_config(num_labels=2 + t))

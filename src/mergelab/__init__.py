@@ -10,8 +10,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "merge": ("mergelab.merge.api", "merge"),
-    "list_methods": ("mergelab.merge.registry", "list_methods"),
+    "merge": ("mergelab.merging.api", "merge"),
+    "list_methods": ("mergelab.merging.registry", "list_methods"),
     "open_checkpoint": ("mergelab.io.reader", "open_checkpoint"),
 }
 

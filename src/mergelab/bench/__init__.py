@@ -1,0 +1,1 @@
+"""The offline benchmark: experiment config, grid runner, results store, report."""

@@ -1,0 +1,103 @@
+"""Experiment config (YAML, pydantic-validated)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mergelab.config import StrictModel, load_yaml_config
+
+PROTOCOLS = ("current", "knn", "aligned", "ft_classifier", "linear_probe", "ensemble", "surgery")
+TRANSFORMS = ("affine", "linear", "invertible", "euclidean", "orthogonal", "scaling", "procrustes")
+
+
+class TaskSpec(StrictModel):
+    name: str = Field(description="built-in offline task name, or the name of a user task")
+    path: str | None = Field(default=None, description="folder with train/test(/validation) files or a saved DatasetDict")
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class DataSpec(StrictModel):
+    train_size: int = Field(default=2000, ge=10, description="train examples per task (fine-tuning + few-shot pool)")
+    validation_size: int = Field(default=500, ge=10, description="validation examples per task (hyper-parameter selection)")
+    test_size: int = Field(default=1000, ge=10, description="test examples per task")
+    seed: int = 0
+    fewshot_pool_per_class: int = Field(
+        default=20, ge=1, description="few-shot samples are drawn per seed from this many train examples per class"
+    )
+
+
+class FinetuneSpec(StrictModel):
+    epochs: float = Field(default=1.0, gt=0)
+    lr: float = Field(default=5.0e-5, gt=0)
+    max_length: int = Field(default=64, ge=8)
+    batch_size: int = Field(default=32, ge=1)
+    train_size: int | None = Field(default=None, ge=10, description="use at most this many train examples")
+    seed: int = 0
+    weight_decay: float = 0.01
+
+
+class MethodSpec(StrictModel):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict, description="fixed parameters")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="values chosen on the validation split")
+    label: str | None = Field(default=None, description="display name (default: the method name)")
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class ExperimentConfig(StrictModel):
+    base: str = Field(default="minilm", description="'minilm' (offline all-MiniLM-L6-v2), a local path, or an HF id")
+    tasks: list[TaskSpec] = Field(min_length=1)
+    data: DataSpec = Field(default_factory=DataSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    methods: list[MethodSpec] = Field(default_factory=list)
+    protocols: list[Literal[PROTOCOLS]] = Field(default_factory=lambda: ["current", "knn", "ft_classifier"])  # type: ignore[valid-type]
+    transforms: list[Literal[TRANSFORMS]] = Field(default_factory=lambda: ["orthogonal", "procrustes"])  # type: ignore[valid-type]
+    shots: list[int] = Field(default_factory=lambda: [5])
+    seeds: int = Field(default=5, ge=1)
+    select_on: Literal["validation"] = "validation"
+    select_protocol: Literal["current", "knn", "ft_classifier"] = "current"
+    multitask: bool = Field(default=False, description="also train the multi-task-learning baseline (Table 2's MTL row)")
+    bounds: bool = Field(default=True, description="evaluate the fine-tuned experts and the pretrained encoder")
+    tsne_tasks: list[str] = Field(default_factory=list, description="tasks for the t-SNE figure (default: first two)")
+    tsne_method: str | None = None
+    max_length: int | None = Field(default=None, description="evaluation max length (default: finetune.max_length)")
+    batch_size: int = 64
+    threads: int = Field(default=2, ge=1)
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_shots(cls, shots: list[int]) -> list[int]:
+        if not shots or any(k < 1 for k in shots):
+            raise ValueError("shots must be a non-empty list of positive integers")
+        return sorted(set(shots))
+
+    @model_validator(mode="after")
+    def _check_names(self) -> ExperimentConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        labels = [m.display for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"two methods share the display name in {labels}; give one a 'label'")
+        return self
+
+    @property
+    def eval_max_length(self) -> int:
+        return self.max_length or self.finetune.max_length
+
+
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    cfg = load_yaml_config(path, ExperimentConfig)
+    from mergelab.merging.registry import build_method
+
+    for method in cfg.methods:  # fail before any work on a wrong method name or parameter
+        sample = {key: values[0] for key, values in method.grid.items() if values}
+        build_method(method.name, {**method.params, **sample}, max(len(cfg.tasks), 2))
+    return cfg
