@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def write_family(root: Path, size_gb: float, num_models: int = 3) -> tuple[Path,
     hidden, intermediate, vocab = 2048, 5632, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * intermediate
     fixed = 2 * vocab * hidden
-    layers = max(1, round((size_gb * 1e9 / 4 - fixed) / per_layer))
+    layers = max(1, math.ceil((size_gb * 1e9 / 4 - fixed) / per_layer))
     cfg = llama_config(hidden, intermediate, layers, vocab)
     shapes = llama_shapes(cfg)
     total_gb = sum(torch.Size(s).numel() for s in shapes.values()) * 4 / 1e9
@@ -145,7 +146,7 @@ def mergekit_cmd(method: str, base: Path, models: list[Path], out: Path, workdir
     cfg_path = workdir / f"mergekit-{method}.yaml"
     cfg_path.write_text(json.dumps(config))
     exe = Path(sys.executable).with_name("mergekit-yaml")
-    return [str(exe), str(cfg_path), str(out), "--out-shard-size", "500M", "--copy-tokenizer", "false"]
+    return [str(exe), str(cfg_path), str(out), "--out-shard-size", "125M", "--no-copy-tokenizer"]
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import torch
 from mergelab.errors import ConfigError
 from mergelab.io.reader import CheckpointReader, open_checkpoint
 from mergelab.io.writer import ShardedWriter, atomic_folder, check_target, copy_side_files, parse_size
-from mergelab.merge.engine import ProgressCallback, plan_merge, stream_merge
-from mergelab.merge.registry import build_method
-from mergelab.merge.selection import DEFAULT_EXCLUDE, TensorSelection
+from mergelab.merging.engine import ProgressCallback, plan_merge, stream_merge
+from mergelab.merging.registry import build_method
+from mergelab.merging.selection import DEFAULT_EXCLUDE, TensorSelection
 
 Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | CheckpointReader
 

@@ -4,6 +4,10 @@ A method sees one tensor at a time (the base tensor and the T fine-tuned tensors
 and returns the merged tensor. Methods that need whole-model statistics (e.g. TIES with a global top-k)
 declare ``num_stat_passes() > 0``: the engine then streams every selected tensor through ``observe`` once
 per pass (calling ``end_pass`` after each) before the merging pass. Nothing here holds a whole model.
+
+The tensors handed to ``observe`` and ``merge_tensor`` are fresh float32 copies owned by the method: it may
+overwrite them in place (e.g. turn θ_t into τ_t with ``sub_``) to keep peak memory near (T + 2) tensors, and it
+works on large tensors in chunks (``CHUNK`` entries) so that temporaries stay small.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from mergelab.errors import ConfigError
+
+CHUNK = 1 << 22  # entries per chunk for elementwise work on large tensors (16 MB of float32)
+
+
+def chunk_slices(numel: int, chunk: int = CHUNK) -> list[slice]:
+    """Consecutive slices covering ``range(numel)`` in pieces of at most ``chunk`` entries."""
+    return [slice(start, min(start + chunk, numel)) for start in range(0, numel, chunk)] or [slice(0, 0)]
 
 
 class MethodParams(BaseModel):

@@ -17,8 +17,8 @@ from mergelab.errors import CheckpointError
 from mergelab.io.alignment import AlignedReader, align
 from mergelab.io.reader import CheckpointReader
 from mergelab.io.writer import TensorSpec
-from mergelab.merge.base import MergeMethod
-from mergelab.merge.selection import TensorSelection
+from mergelab.merging.base import MergeMethod
+from mergelab.merging.selection import TensorSelection
 
 ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
 

@@ -9,18 +9,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergelab.errors import ConfigError
-from mergelab.merge.base import MergeMethod
+from mergelab.merging.base import MergeMethod
 
 
 def method_classes() -> dict[str, type[MergeMethod]]:
     """Every weight-space merging method, by name (imported on demand)."""
-    from mergelab.merge.methods.cart import Cart
-    from mergelab.merge.methods.dare import Dare
-    from mergelab.merge.methods.magmax import MagMax
-    from mergelab.merge.methods.model_stock import ModelStock
-    from mergelab.merge.methods.task_arithmetic import TaskArithmetic
-    from mergelab.merge.methods.ties import Ties
-    from mergelab.merge.methods.weight_average import WeightAverage
+    from mergelab.merging.methods.cart import Cart
+    from mergelab.merging.methods.dare import Dare
+    from mergelab.merging.methods.magmax import MagMax
+    from mergelab.merging.methods.model_stock import ModelStock
+    from mergelab.merging.methods.task_arithmetic import TaskArithmetic
+    from mergelab.merging.methods.ties import Ties
+    from mergelab.merging.methods.weight_average import WeightAverage
 
     classes = (WeightAverage, TaskArithmetic, Ties, Dare, MagMax, Cart, ModelStock)
     return {cls.name: cls for cls in classes}
@@ -39,9 +39,18 @@ def _describe_field(name: str, info: Any) -> str:
     allowed = _allowed_values(annotation)
     if allowed:
         return f"'{name}' must be one of {allowed}"
-    bounds = [f"{m.__class__.__name__.lower()} {next(iter(vars(m).values()))}" for m in info.metadata]
+    bounds = _bounds(info)
     text = f"'{name}' ({_type_name(annotation)})"
-    return text + (f" with {', '.join(bounds)}" if bounds else "")
+    return text + (f" must be {' and '.join(bounds)}" if bounds else "")
+
+
+def _bounds(info: Any) -> list[str]:
+    out = []
+    for meta in info.metadata:
+        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                out.append(f"{symbol}{getattr(meta, attr)}")
+    return out
 
 
 def _allowed_values(annotation: Any) -> list[Any]:
@@ -82,11 +91,7 @@ def describe_params(cls: type[MergeMethod]) -> list[dict[str, str]]:
     rows = []
     for key, info in cls.Params.model_fields.items():
         allowed = _allowed_values(info.annotation)
-        bounds = []
-        for meta in info.metadata:
-            for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-                if getattr(meta, attr, None) is not None:
-                    bounds.append(f"{symbol}{getattr(meta, attr)}")
+        bounds = _bounds(info)
         rows.append(
             {
                 "name": key,

@@ -1,1 +1,1 @@
-"""One module per merging method; the registry in ``mergelab.merge.registry`` lists them."""
+"""One module per merging method; the registry in ``mergelab.merging.registry`` lists them."""

@@ -1,0 +1,49 @@
+"""Task arithmetic: θ = θ₀ + Σ_t λ_t τ_t."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from mergelab.merging.base import MergeMethod, MethodParams, per_model_values
+from mergelab.merging.ops import require_base, task_vectors
+
+
+class TaskArithmeticParams(MethodParams):
+    scale: float | list[float] = Field(
+        0.3, description="λ: one value or one per model (negative values negate a task vector)"
+    )
+
+
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic (algorithms.md §2).
+
+    Reference: FusionBench ``config/method/task_arithmetic.yaml`` and AdaMerging ``src/main_task_arithmetic.py``
+    (λ = 0.3). A per-model λ list is an extension; with one value this is exactly θ₀ + λ Σ_t τ_t.
+    ``merge_task_vectors`` is the task-vector part, reused by DARE.
+    """
+
+    name = "task_arithmetic"
+    summary = "Task arithmetic: base plus λ times the sum of the task vectors"
+    Params = TaskArithmeticParams
+    params: TaskArithmeticParams
+
+    def __init__(self, params: TaskArithmeticParams, num_models: int) -> None:
+        super().__init__(params, num_models)
+        self.scales = per_model_values(params.scale, num_models, "scale")
+
+    def observe_task_vectors(self, pass_index: int, name: str, taus: Sequence[torch.Tensor]) -> None:
+        """No statistics are needed."""
+
+    def merge_task_vectors(self, name: str, taus: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Σ_t λ_t τ_t."""
+        delta = torch.zeros_like(taus[0])
+        for scale, tau in zip(self.scales, taus, strict=True):
+            delta.add_(tau, alpha=scale)
+        return delta
+
+    def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        base = require_base(base, self.name)
+        return base.add_(self.merge_task_vectors(name, task_vectors(base, models)))

@@ -1,0 +1,182 @@
+"""TIES-Merging: trim each task vector to its top-k magnitudes, elect a sign per entry, merge agreeing entries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergelab.errors import MergelabError
+from mergelab.merging.base import MergeMethod, MethodParams, chunk_slices, per_model_values
+from mergelab.merging.ops import (
+    bits_to_float,
+    disjoint_merge,
+    elect_signs,
+    kth_smallest_magnitude_flat,
+    locate_rank,
+    majority_sign,
+    radix_histogram,
+    require_base,
+    resolve_zero_signs,
+    scale_rows,
+    sign_total,
+    task_vectors,
+    trim,
+    trim_rank,
+)
+
+Scope = Literal["global", "per_tensor"]
+Disjoint = Literal["sum", "mean"]
+
+_HIGH_PASS, _LOW_PASS, _SIGN_PASS = 0, 1, 2
+
+
+class TiesParams(MethodParams):
+    density: float = Field(0.2, ge=0.0, le=1.0, description="fraction of each task vector's largest |τ| kept")
+    scope: Scope = Field(
+        "global", description="top-k over all merged parameters (paper, FusionBench) or per tensor (mergekit)"
+    )
+    disjoint: Disjoint = Field(
+        "sum", description="sum or mean of the sign-agreeing entries ('mean' needs λ≈1, 'sum' λ≈0.3)"
+    )
+    scale: float | list[float] = Field(0.3, description="λ: one value or one per model, applied before the election")
+
+
+class Ties(MergeMethod):
+    """TIES-Merging (algorithms.md §3): θ = θ₀ + merge(λ_t · trim(τ_t)).
+
+    Reference: prateeky2806/ties-merging ``src/utils/merge_utils.py``; defaults (keep 20%, dis-sum, λ = 0.3) as
+    FusionBench ``config/method/ties_merging.yaml`` and AdaMerging ``src/main_ties_merging.py``. The official
+    README setting is dis-mean with λ ≈ 1 (swept 0.8-2.5): "mean" needs a λ about |A_p| times larger than "sum".
+
+    * Trim: κ_t = the (P − ⌊density·P⌋)-th smallest |τ_t| (1-indexed), keep |τ_t| ≥ κ_t (⌊dP⌋ + 1 entries
+      barring ties); keep all when that rank is below 1. ``scope="global"`` takes P over every merged tensor
+      (exact, streamed: statistics pass 0 histograms the high 16 bits of the float32 patterns of |τ_t|, pass 1
+      the low 16 bits inside the selected bin, pass 2 sums the elected signs); ``"per_tensor"`` per tensor.
+    * Elect: γ = sign(Σ_t λ_t τ̂_t). Deliberate generalisation: distinct per-model scales λ_t are applied to τ̂_t
+      *before* the election and the disjoint merge; a single λ is factored out (θ₀ + λ τ_m, as the reference).
+      γ = 0 entries get the majority sign sign(Σ_p γ_p) over the scope.
+    * Disjoint merge over the non-zero entries agreeing with γ: sum, or mean over max(count, 1).
+    """
+
+    name = "ties"
+    summary = "TIES-Merging: trim to top-k, elect signs, merge sign-agreeing entries"
+    Params = TiesParams
+    params: TiesParams
+
+    def __init__(self, params: TiesParams, num_models: int) -> None:
+        super().__init__(params, num_models)
+        self.scales = per_model_values(params.scale, num_models, "scale")
+        # One λ for all models is factored out (θ₀ + λ τ_m exactly as the reference, no rounding in the
+        # election); distinct per-model λ_t scale the trimmed rows before the election.
+        uniform = len(set(self.scales)) == 1
+        self._row_scales = None if uniform else self.scales
+        self._outer_scale = self.scales[0] if uniform else 1.0
+        self._num_entries = 0
+        self._high_hist: torch.Tensor | None = None
+        self._high_bins: torch.Tensor | None = None
+        self._low_ranks: torch.Tensor | None = None
+        self._low_hist: torch.Tensor | None = None
+        self._thresholds: torch.Tensor | None = None
+        self._sign_total = 0
+        self._majority: float | None = None
+
+    def num_stat_passes(self) -> int:
+        return 3 if self.params.scope == "global" else 0
+
+    # -- engine interface -------------------------------------------------------------------------------------
+
+    def observe(self, pass_index: int, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> None:
+        self.observe_task_vectors(pass_index, name, task_vectors(require_base(base, self.name), models))
+
+    def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        base = require_base(base, self.name)
+        return base.add_(self.merge_task_vectors(name, task_vectors(base, models)))
+
+    # -- task-vector interface (reused by DARE) ---------------------------------------------------------------
+
+    def observe_task_vectors(self, pass_index: int, name: str, taus: Sequence[torch.Tensor]) -> None:
+        """Accumulate the global statistics of one tensor's task vectors (global scope only), chunk by chunk."""
+        if self.params.scope != "global":
+            return
+        flats = [t.reshape(-1) for t in taus]
+        slices = chunk_slices(flats[0].numel())
+        if pass_index == _HIGH_PASS:
+            self._num_entries += flats[0].numel()
+            hist = sum(radix_histogram([f[s] for f in flats]) for s in slices)
+            self._high_hist = hist if self._high_hist is None else self._high_hist + hist
+        elif pass_index == _LOW_PASS:
+            if self._high_bins is not None:  # None: every entry is kept, no threshold to refine
+                hist = sum(radix_histogram([f[s] for f in flats], self._high_bins) for s in slices)
+                self._low_hist = hist if self._low_hist is None else self._low_hist + hist
+        elif pass_index == _SIGN_PASS:
+            thresholds = self._global_thresholds()
+            for s in slices:
+                trimmed = self._trimmed(torch.stack([f[s] for f in flats]), thresholds)
+                self._sign_total += sign_total(elect_signs(trimmed))
+
+    def end_pass(self, pass_index: int) -> None:
+        if self.params.scope != "global":
+            return
+        if pass_index == _HIGH_PASS:
+            k = trim_rank(self._num_entries, self.params.density)
+            if k < 1 or self._high_hist is None:
+                self._thresholds = torch.zeros(self.num_models)
+            else:
+                ranks = torch.full((self.num_models,), k, dtype=torch.int64)
+                self._high_bins, self._low_ranks = locate_rank(self._high_hist, ranks)
+            self._high_hist = None
+        elif pass_index == _LOW_PASS:
+            if self._thresholds is None:
+                if self._low_hist is None or self._high_bins is None or self._low_ranks is None:
+                    raise MergelabError("TIES statistics pass 1 saw no tensor; stream every tensor in each pass")
+                low_bins, _ = locate_rank(self._low_hist, self._low_ranks)
+                self._thresholds = bits_to_float(self._high_bins, low_bins)
+            self._low_hist = None
+        elif pass_index == _SIGN_PASS:
+            self._majority = majority_sign(self._sign_total)
+
+    def merge_task_vectors(self, name: str, taus: Sequence[torch.Tensor]) -> torch.Tensor:
+        """τ_m for one tensor (already scaled by λ), computed chunk by chunk to keep temporaries small."""
+        flats = [t.reshape(-1) for t in taus]
+        numel = flats[0].numel()
+        slices = chunk_slices(numel)
+        if self.params.scope == "global":
+            if self._majority is None:
+                raise MergelabError(
+                    "TIES with scope='global' needs its 3 statistics passes over every tensor before merging"
+                )
+            thresholds = self._global_thresholds()
+            majority = self._majority
+        else:
+            k = trim_rank(numel, self.params.density)
+            if k < 1:
+                thresholds = torch.zeros(len(flats))
+            else:
+                thresholds = torch.stack([kth_smallest_magnitude_flat(f, k) for f in flats])
+            total = 0
+            for s in slices:
+                total += sign_total(elect_signs(self._trimmed(torch.stack([f[s] for f in flats]), thresholds)))
+            majority = majority_sign(total)
+        merged = torch.empty(numel, dtype=flats[0].dtype)
+        for s in slices:
+            trimmed = self._trimmed(torch.stack([f[s] for f in flats]), thresholds)
+            merged[s] = disjoint_merge(trimmed, resolve_zero_signs(elect_signs(trimmed), majority), self.params.disjoint)
+        merged = merged.reshape(taus[0].shape)
+        return merged if self._row_scales is not None else merged.mul_(self._outer_scale)
+
+    @property
+    def thresholds(self) -> torch.Tensor | None:
+        """The global κ_t per model once statistics pass 1 has ended (None before, or for per-tensor scope)."""
+        return self._thresholds
+
+    def _global_thresholds(self) -> torch.Tensor:
+        if self._thresholds is None:
+            raise MergelabError("TIES global thresholds are unknown: run statistics passes 0 and 1 first")
+        return self._thresholds
+
+    def _trimmed(self, stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        trimmed = trim(stacked, thresholds)
+        return trimmed if self._row_scales is None else scale_rows(trimmed, self._row_scales)

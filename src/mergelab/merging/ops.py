@@ -1,0 +1,235 @@
+"""Small pure tensor functions shared by the merging methods.
+
+* TIES: trim rank and thresholds, trimming, sign election, zero-sign resolution, disjoint merge.
+* An exact streaming k-th smallest value over float32 magnitudes (two radix passes over the bit patterns).
+* DARE: a drop mask that is a deterministic function of (seed, model index, tensor name).
+* CART: truncated SVD with a rank from a ratio of min(m, n) or from an energy (σ²) share.
+
+Stacked inputs are ``[T, ...]`` tensors: one row per fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from mergelab.errors import ConfigError, MergelabError
+
+RADIX_BITS = 16
+RADIX_BINS = 1 << RADIX_BITS
+_LOW_MASK = RADIX_BINS - 1
+
+
+def require_base(base: torch.Tensor | None, method: str) -> torch.Tensor:
+    """The base tensor; a missing base is a configuration error."""
+    if base is None:
+        raise ConfigError(f"method '{method}' needs the pretrained base tensor; pass the base checkpoint")
+    return base
+
+
+def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """τ_t = θ_t − θ₀ for every model, computed in place: the engine's input tensors are owned by the method."""
+    return [m.sub_(base) for m in models]
+
+
+def kth_smallest_magnitude_flat(values: torch.Tensor, k: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """Exact k-th smallest |x| (1-indexed) of one tensor, by radix selection over chunks (small temporaries)."""
+    flat = values.reshape(-1)
+    pieces = [flat[i : i + chunk] for i in range(0, flat.numel(), chunk)]
+    high = sum(radix_histogram([p]) for p in pieces)
+    high_bins, within = locate_rank(high, torch.tensor([k]))
+    low = sum(radix_histogram([p], high_bins) for p in pieces)
+    low_bins, _ = locate_rank(low, within)
+    return bits_to_float(high_bins, low_bins)[0]
+
+
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-model vector ``[T]`` to broadcast against a stacked ``[T, ...]`` tensor."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------- TIES
+
+
+def trim_rank(num_entries: int, density: float) -> int:
+    """1-indexed rank k of the TIES threshold: κ is the (P − ⌊density·P⌋)-th smallest |τ|.
+
+    Keeping |τ| ≥ κ keeps ⌊density·P⌋ + 1 entries barring ties; k < 1 means keep everything.
+    """
+    return num_entries - math.floor(density * num_entries)
+
+
+def per_tensor_thresholds(stacked: torch.Tensor, density: float) -> torch.Tensor:
+    """κ_t for each row of ``stacked`` ``[T, ...]`` with the TIES rule applied to that tensor alone."""
+    flat = stacked.reshape(stacked.shape[0], -1).abs()
+    k = trim_rank(flat.shape[1], density)
+    if k < 1:
+        return torch.zeros(flat.shape[0], dtype=flat.dtype)
+    return flat.kthvalue(k, dim=1).values
+
+
+def trim(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Zero every entry of row t whose magnitude is below κ_t (entries equal to κ_t are kept)."""
+    keep = stacked.abs() >= _rows(thresholds.to(stacked.dtype), stacked)
+    return torch.where(keep, stacked, torch.zeros((), dtype=stacked.dtype))
+
+
+def scale_rows(stacked: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """Multiply row t by scales[t]."""
+    return stacked * _rows(torch.tensor(scales, dtype=stacked.dtype), stacked)
+
+
+def elect_signs(trimmed: torch.Tensor) -> torch.Tensor:
+    """γ = sign(Σ_t τ̂_t) elementwise (0 where the total mass is exactly 0)."""
+    return trimmed.sum(0).sign()
+
+
+def sign_total(signs: torch.Tensor) -> int:
+    """Σ_p γ_p as an exact integer (used for the majority sign)."""
+    return int(signs.to(torch.int64).sum())
+
+
+def majority_sign(total: int) -> float:
+    """sign(Σ_p γ_p): +1, −1, or 0 when the elected signs balance exactly."""
+    return float((total > 0) - (total < 0))
+
+
+def resolve_zero_signs(signs: torch.Tensor, majority: float) -> torch.Tensor:
+    """Give entries with γ = 0 the majority sign (TIES ``resolve_zero_signs(..., "majority")``)."""
+    return torch.where(signs == 0, torch.tensor(majority, dtype=signs.dtype), signs)
+
+
+def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor, mode: Literal["sum", "mean"]) -> torch.Tensor:
+    """Sum (or mean over max(count, 1)) of the non-zero entries whose sign agrees with γ."""
+    agree = ((trimmed > 0) & (signs > 0)) | ((trimmed < 0) & (signs < 0))
+    total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype)).sum(0)
+    if mode == "sum":
+        return total
+    return total / agree.sum(0).clamp(min=1).to(trimmed.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- radix select
+
+
+def magnitude_bits(stacked: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |x| for float32 ``x``; non-negative floats order exactly like these integers."""
+    if stacked.dtype != torch.float32:
+        raise MergelabError(f"radix selection works on float32 magnitudes, got {stacked.dtype}")
+    return stacked.abs().contiguous().view(torch.int32)
+
+
+def radix_histogram(rows: Sequence[torch.Tensor] | torch.Tensor, high_bins: torch.Tensor | None = None) -> torch.Tensor:
+    """Histogram ``[T, 65536]`` (int64) of the float32 magnitudes of each of the T ``rows`` (any shape each).
+
+    Without ``high_bins``: of the high 16 bits of |x|. With ``high_bins`` ``[T]``: of the low 16 bits of the
+    entries of row t whose high 16 bits equal ``high_bins[t]``. Rows are processed one at a time, so the
+    temporaries are the size of one row.
+    """
+    counts = []
+    for index, row in enumerate(rows):
+        bits = magnitude_bits(row).reshape(-1)
+        high = bits >> RADIX_BITS
+        if high_bins is None:
+            values = high
+        else:
+            values = (bits & _LOW_MASK)[high == int(high_bins[index])]
+        counts.append(torch.bincount(values, minlength=RADIX_BINS))
+    return torch.stack(counts)
+
+
+def locate_rank(histogram: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row: the bin holding the ``ranks[t]``-th smallest value (1-indexed) and its rank inside that bin."""
+    cumulative = histogram.cumsum(1)
+    ranks = ranks.to(torch.int64)
+    if bool((ranks < 1).any()) or bool((ranks > cumulative[:, -1]).any()):
+        raise MergelabError(f"rank(s) {ranks.tolist()} outside 1..{cumulative[:, -1].tolist()} in radix selection")
+    bins = (cumulative < ranks.unsqueeze(1)).sum(1)
+    before = cumulative.gather(1, (bins - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    before = torch.where(bins > 0, before, torch.zeros_like(before))
+    return bins, ranks - before
+
+
+def bits_to_float(high_bins: torch.Tensor, low_bins: torch.Tensor) -> torch.Tensor:
+    """The float32 values whose bit patterns are ``high << 16 | low``."""
+    bits = (high_bins.to(torch.int64) << RADIX_BITS) | low_bins.to(torch.int64)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def kth_smallest_magnitude(chunks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """Exact k-th smallest |x| (1-indexed) per row over the concatenation of ``chunks`` (each ``[T, ...]``).
+
+    Two streaming passes over the chunks: high 16 bits, then low 16 bits inside the selected high bin. Memory is
+    two ``[T, 65536]`` histograms besides the current chunk.
+    """
+    rows = chunks[0].shape[0]
+    high_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
+    for chunk in chunks:
+        high_hist += radix_histogram(chunk)
+    high_bins, within = locate_rank(high_hist, torch.full((rows,), k, dtype=torch.int64))
+    low_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
+    for chunk in chunks:
+        low_hist += radix_histogram(chunk, high_bins)
+    low_bins, _ = locate_rank(low_hist, within)
+    return bits_to_float(high_bins, low_bins)
+
+
+# ---------------------------------------------------------------------------------------------------- DARE
+
+
+def dare_seed(seed: int, model_index: int, name: str) -> int:
+    """A 63-bit generator seed that depends only on (seed, model index, tensor name), stable across processes."""
+    digest = hashlib.blake2b(f"{seed}\x00{model_index}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def dare_keep_mask(shape: torch.Size | Sequence[int], drop_rate: float, seed: int, model_index: int,
+                   name: str) -> torch.Tensor:  # fmt: skip
+    """Bernoulli(1 − drop_rate) keep mask: u ~ U[0, 1) from a generator seeded by :func:`dare_seed`, keep u ≥ p."""
+    generator = torch.Generator().manual_seed(dare_seed(seed, model_index, name))
+    return torch.rand(tuple(shape), generator=generator) >= drop_rate
+
+
+def dare_drop(tau: torch.Tensor, keep: torch.Tensor, drop_rate: float, rescale: bool) -> torch.Tensor:
+    """τ̃ = m ⊙ τ / (1 − p) (or without the division when ``rescale`` is False), in place on ``tau``."""
+    dropped = tau.masked_fill_(~keep, 0.0)
+    return dropped.div_(1.0 - drop_rate) if (rescale and drop_rate > 0) else dropped
+
+
+# ---------------------------------------------------------------------------------------------------- SVD
+
+
+def rank_from_ratio(shape: Sequence[int], ratio: float) -> int:
+    """r = max(1, ⌊ratio · min(m, n)⌋) (CART ``initial_rank_ratio``)."""
+    full = min(shape[0], shape[1])
+    return min(full, max(1, math.floor(ratio * full)))
+
+
+def rank_from_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest r whose leading σ² hold at least ``energy`` of Σσ² (1 for an all-zero spectrum)."""
+    squares = singular_values.to(torch.float64) ** 2
+    total = float(squares.sum())
+    if total == 0.0:
+        return 1
+    share = squares.cumsum(0) / total
+    return min(len(singular_values), int((share < energy).sum()) + 1)
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int | None = None, energy: float | None = None) -> torch.Tensor:
+    """Best rank-r approximation U_r S_r V_rᵀ of a 2-D ``matrix`` (thin SVD in the matrix's dtype).
+
+    Give exactly one of ``rank`` (clipped to min(m, n); full rank returns a copy without an SVD) or ``energy``.
+    """
+    if (rank is None) == (energy is None):
+        raise MergelabError("truncated_svd needs exactly one of rank or energy")
+    if matrix.dim() != 2:
+        raise MergelabError(f"truncated_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    full = min(matrix.shape)
+    if rank is not None and rank >= full:
+        return matrix.clone()
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    r = max(1, rank) if rank is not None else rank_from_energy(s, energy)  # type: ignore[arg-type]
+    return (u[:, :r] * s[:r]) @ vh[:r]
