@@ -1,20 +1,23 @@
 """Lazy, per-tensor checkpoint readers.
 
-Names, shapes and dtypes are known without loading data; ``get(name)`` loads one tensor. Safetensors files are
-memory-mapped. Torch pickles are read only with ``weights_only=True`` (and memory-mapped where the format allows).
+Names, shapes and dtypes are known without loading data; ``get(name)`` loads one tensor. A safetensors tensor is
+read by memory-mapping only its own byte range, copying it out and unmapping it again, so resident memory stays
+bounded by the tensors in flight rather than growing with every page of the file that was touched. Torch pickles
+are read only with ``weights_only=True`` (and memory-mapped where the format allows).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickle
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 
 from mergelab.errors import CheckpointError
 
@@ -57,12 +60,11 @@ class SafetensorsReader:
     def __init__(self, files: Iterable[Path], display_path: str, config_dir: Path | None = None) -> None:
         self.path = display_path
         self._config_dir = config_dir
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._handles: dict[Path, object] = {}
         for file in files:
-            for name, (shape, dtype) in _safetensors_header(file).items():
-                self._where[name] = file
+            for name, (shape, dtype, begin, end) in _safetensors_header(file).items():
+                self._where[name] = (file, begin, end)
                 self._meta[name] = (shape, dtype)
 
     @property
@@ -85,18 +87,31 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise _missing(self, name)
-        file = self._where[name]
-        handle = self._handles.get(file)
+        file, begin, end = self._where[name]
+        shape, dtype = self._meta[name]
         try:
-            if handle is None:
-                handle = safe_open(str(file), framework="pt")
-                self._handles[file] = handle
-            return handle.get_tensor(name)  # type: ignore[attr-defined]
-        except Exception as exc:  # safetensors raises its own error types
+            return _read_range(file, begin, end, shape, dtype)
+        except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read tensor '{name}' from {file}: {exc} (is the file truncated?)") from exc
 
 
-def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _read_range(file: Path, begin: int, end: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Map just [begin, end) of ``file``, copy it into a tensor, and unmap."""
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with open(file, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+        try:
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - start)
+            tensor = raw.view(dtype).reshape(shape).clone()
+            del raw
+        finally:
+            mapped.close()
+    return tensor
+
+
+def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
     """Parse a safetensors header (names, shapes, dtypes) and check the file is long enough for its data."""
     try:
         size = file.stat().st_size
@@ -113,8 +128,9 @@ def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
             f"{file} is not a valid safetensors file ({exc}); it may be truncated or corrupt — re-download or re-save it"
         ) from exc
     header.pop("__metadata__", None)
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    data_len = size - 8 - header_len
+    out: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+    data_start = 8 + header_len
+    data_len = size - data_start
     for name, info in header.items():
         try:
             dtype = _SAFE_DTYPES[info["dtype"]]
@@ -126,7 +142,9 @@ def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
             raise CheckpointError(
                 f"{file} is truncated: tensor '{name}' ends at byte {end} but the data section has {data_len} bytes"
             )
-        out[name] = (shape, dtype)
+        if begin < 0 or end < begin:
+            raise CheckpointError(f"{file}: tensor '{name}' has invalid data offsets [{begin}, {end}]; the file is corrupt")
+        out[name] = (shape, dtype, data_start + begin, data_start + end)
     return out
 
 
@@ -167,12 +185,14 @@ class StateDictReader:
 def load_torch_weights(file: Path) -> dict[str, torch.Tensor]:
     """Load a torch state dict with ``weights_only=True`` (memory-mapped when possible); never unpickle code."""
     try:
-        try:
-            obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(str(file), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; we explain instead
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{file} is not a weights-only torch file (it pickles code or objects, which mergelab never unpickles): "

@@ -93,11 +93,12 @@ def _header_bytes(shard: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_buffer(tensor: torch.Tensor):
+    """A zero-copy byte view of the tensor's data (little-endian, row-major) for ``file.write``."""
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return b""
-    return flat.view(torch.uint8).numpy().tobytes()
+    return flat.view(torch.uint8).numpy()
 
 
 class ShardedWriter:
@@ -133,7 +134,7 @@ class ShardedWriter:
         if shard_index != self._current_shard:
             self._open_shard(shard_index)
         assert self._handle is not None
-        self._handle.write(_tensor_bytes(tensor))
+        self._handle.write(_tensor_buffer(tensor))
         self._position += 1
 
     def _open_shard(self, index: int) -> None:

@@ -81,9 +81,17 @@ def plan_merge(
     return MergePlan(reference, aligned, base, output, merged, ignored)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry is NaN or ±Inf: one min/max reduction (NaN propagates), no boolean copy."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _load_float(reader: CheckpointReader, name: str, allow_nonfinite: bool) -> torch.Tensor:
     tensor = reader.get(name).to(torch.float32)
-    if not allow_nonfinite and not torch.isfinite(tensor).all():
+    if not allow_nonfinite and not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(
             f"tensor '{name}' in {reader.path} has {bad} NaN/Inf value(s); fix the checkpoint or pass "
@@ -127,7 +135,7 @@ def stream_merge(
             del base, models
             if tuple(result.shape) != spec.shape:
                 raise CheckpointError(f"method '{method.name}' returned shape {tuple(result.shape)} for '{spec.name}'")
-            if not allow_nonfinite and not torch.isfinite(result).all():
+            if not allow_nonfinite and not all_finite(result):
                 raise CheckpointError(f"method '{method.name}' produced NaN/Inf in '{spec.name}'")
             tensor = result.to(spec.dtype)
         else:
