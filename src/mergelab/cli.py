@@ -66,7 +66,7 @@ def merge_command(
 ) -> None:
     """Merge fine-tuned checkpoints of one base model into one checkpoint."""
     from mergelab.config import MergeConfig, load_yaml_config, parse_param, validate_config
-    from mergelab.merge.api import merge
+    from mergelab.merging.api import merge
 
     if config is not None:
         cfg = load_yaml_config(config, MergeConfig)
@@ -99,7 +99,7 @@ def merge_command(
 @friendly_errors
 def methods_command() -> None:
     """List every merging method with its parameters, defaults and docs."""
-    from mergelab.merge.registry import list_methods
+    from mergelab.merging.registry import list_methods
 
     console = _console()
     for info in list_methods():
@@ -114,6 +114,125 @@ def methods_command() -> None:
             table.add_row(row["name"], row["type"], row["default"], row["range"], row["doc"])
         console.print(table)
         console.print()
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    from mergelab.errors import ConfigError
+
+    out = {}
+    for value in values or []:
+        if "=" not in value:
+            raise ConfigError(f"{flag} expects TASK=PATH, got '{value}'")
+        task, path = value.split("=", 1)
+        out[task.strip()] = path.strip()
+    return out
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    merged: str = typer.Option(..., "--merged", help="encoder checkpoint to evaluate (merged, or e.g. the base)"),
+    finetuned: list[str] = typer.Option(..., "--finetuned", help="TASK=DIR fine-tuned classifier; repeat"),
+    data: list[str] = typer.Option(..., "--data", help="TASK=PATH data folder or saved DatasetDict; repeat"),
+    protocol: str = typer.Option("current,knn,ft_classifier", "--protocol", help="comma-separated protocols"),
+    shots: str = typer.Option("5", "--shots", help="comma-separated shots per class"),
+    seeds: int = typer.Option(5, "--seeds", min=1),
+    transforms: str = typer.Option("orthogonal,procrustes", "--transforms", help="aligned transform families"),
+    out: Path = typer.Option(None, "--out", help="write the rows as a JSON list (atomically)"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="feature cache (default: XDG cache)"),
+    max_length: int = typer.Option(128, "--max-length", min=8),
+) -> None:
+    """Evaluate an encoder on tasks with the paper's protocols; prints tasks × protocols (mean ± std)."""
+    import json
+
+    from mergelab.bench.report import aggregate, protocol_label
+    from mergelab.errors import ConfigError
+    from mergelab.evaluate.api import evaluate
+    from mergelab.io.writer import atomic_write_text
+
+    try:
+        shot_list = [int(k) for k in shots.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--shots must be comma-separated integers, got '{shots}'") from None
+    rows = evaluate(
+        merged, _pairs(finetuned, "--finetuned"), _pairs(data, "--data"),
+        protocols=[p.strip() for p in protocol.split(",") if p.strip()], shots=shot_list, seeds=seeds,
+        transforms=[t.strip() for t in transforms.split(",") if t.strip()], cache_dir=cache_dir,
+        max_length=max_length,
+    )  # fmt: skip
+    agg = aggregate([{**r, "method": r["model"]} for r in rows])
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    table = Table(title="accuracy (%) on test, mean ± std over seeds; † transductive")
+    for column in ("protocol", "shots", *tasks, "Avg"):
+        table.add_column(column)
+    for (_, _, name, k), cells in agg.items():
+        mark = " †" if any(r["transductive"] for r in rows if r["protocol"] == name) else ""
+        table.add_row(protocol_label(name) + mark, str(k), *[cells[c].text() if c in cells else "–" for c in (*tasks, "Avg")])
+    _console().print(table)
+    if out is not None:
+        atomic_write_text(out, json.dumps(rows, indent=1, default=float))
+        typer.echo(f"wrote {len(rows)} rows to {out}")
+
+
+@app.command("bench")
+@friendly_errors
+def bench_command(
+    config: Path = typer.Argument(..., help="experiment YAML (see configs/demo.yaml)"),
+    out: Path = typer.Option(..., "--out", help="run folder: results store, results.csv, report"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="experts and features cache (default: XDG cache)"),
+) -> None:
+    """Run (or resume) an experiment: experts, merges with validation-chosen grids, protocols, report."""
+    from mergelab.bench.config import load_experiment_config
+    from mergelab.bench.runner import run_benchmark
+
+    cfg = load_experiment_config(config)
+    report = run_benchmark(cfg, out, cache_dir, log=lambda msg: typer.echo(msg, err=True))
+    _print_main_table(out)
+    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+@app.command("report")
+@friendly_errors
+def report_command(run_dir: Path = typer.Argument(..., help="a run folder written by `mergelab bench`")) -> None:
+    """(Re)build the Markdown + HTML report of a run from its results store."""
+    from mergelab.bench.report import build_report
+
+    paths = build_report(run_dir)
+    _print_main_table(run_dir)
+    typer.echo(f"report: {paths['markdown']} (and {paths['html']})")
+
+
+@app.command("demo")
+@friendly_errors
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="experts and features cache (default: XDG cache)"),
+) -> None:
+    """The embedded default: the offline MiniLM benchmark on four real text tasks (configs/demo.yaml)."""
+    from mergelab.bench.config import demo_config
+    from mergelab.bench.runner import run_benchmark
+
+    report = run_benchmark(demo_config(), out, cache_dir, log=lambda msg: typer.echo(msg, err=True))
+    _print_main_table(out)
+    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+def _print_main_table(run_dir: Path) -> None:
+    from mergelab.bench.report import main_table, table_shots, task_order
+    from mergelab.bench.store import ResultStore
+
+    with ResultStore(Path(run_dir) / "results.sqlite") as store:
+        rows = store.rows("test")
+    if not rows:
+        return
+    tasks = task_order(rows)
+    shots = table_shots(rows)
+    table = Table(title=f"accuracy (%) on test, mean ± std over seeds ({shots}-shot rows); † transductive")
+    for column in ("", *tasks, "Avg"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, cells, transductive in main_table(rows, tasks, shots):
+        table.add_row(label + (" †" if transductive else ""), *cells)
+    _console().print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry

