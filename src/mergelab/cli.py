@@ -14,7 +14,7 @@ from rich.table import Table
 
 from mergelab.errors import MergelabError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Merge fine-tuned models and evaluate them honestly.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Merge fine-tuned models and evaluate them honestly.")
 F = TypeVar("F", bound=Callable[..., Any])
 
 

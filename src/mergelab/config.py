@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.errors import ConfigError
-from mergelab.merge.selection import DEFAULT_EXCLUDE
+from mergelab.merging.selection import DEFAULT_EXCLUDE
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

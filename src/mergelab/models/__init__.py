@@ -1,0 +1,1 @@
+"""Task models (encoder + per-task head), Hugging Face adapters, content fingerprints."""

@@ -1,0 +1,121 @@
+"""The PLeaS pipeline: match → partial merge at a FLOPs budget → least squares → batch-norm re-estimation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mergelab.errors import ConfigError
+from mergelab.pleas.batchnorm import reestimate_batchnorm_
+from mergelab.pleas.least_squares import least_squares_
+from mergelab.pleas.matching import Matching, Similarity, activation_matching, weight_matching
+from mergelab.pleas.partial import (
+    GroupSplit,
+    allocate_separate_units,
+    flops_ratio,
+    layer_macs,
+    partial_merge,
+    ratios_of,
+    split_groups,
+)
+from mergelab.pleas.spec import PermutationSpec
+
+MatchingKind = Literal["activation", "weight"]
+
+
+@dataclass
+class PleasResult:
+    """The merged model and how it was built."""
+
+    model: nn.Module
+    matching: Matching
+    splits: dict[str, GroupSplit]
+    ratios: dict[str, float]
+    flops_ratio: float
+    residuals: dict[str, float] = field(default_factory=dict)
+
+
+def match(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermutationSpec,
+    inputs: torch.Tensor,
+    kind: MatchingKind = "activation",
+    similarity: Similarity = "distance",
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> Matching:
+    """Activation matching (on ``inputs``) or seeded Git Re-Basin weight matching."""
+    if kind == "activation":
+        return activation_matching(model_a, model_b, spec, inputs, batch_size, max_batches, similarity)
+    if kind == "weight":
+        return weight_matching(model_a, model_b, spec, max_iter=max_iter, seed=seed)
+    raise ConfigError(f"unknown matching '{kind}'; use 'activation' or 'weight'")
+
+
+def pleas_merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermutationSpec,
+    inputs: torch.Tensor,
+    budget: float = 1.0,
+    matching: MatchingKind | Matching = "activation",
+    similarity: Similarity = "distance",
+    priority: Sequence[str] | None = None,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    ridge: float = 1e-4,
+    positions_per_image: int | None = None,
+    least_squares: bool = True,
+    reestimate_bn: bool = True,
+    seed: int = 0,
+) -> PleasResult:
+    """Merge A and B into one model with ``budget`` × the FLOPs of one model (1.0 … 2.0).
+
+    ``inputs`` are unlabelled inputs (e.g. both tasks' training images) used for activation matching, least
+    squares and batch-norm re-estimation. ``matching`` may be a precomputed ``Matching`` (reused across
+    budgets). ``least_squares=False`` / ``reestimate_bn=False`` skip steps 2 / 3 (ablations and tests).
+    """
+    if isinstance(matching, str):
+        matching = match(
+            model_a, model_b, spec, inputs, matching, similarity, batch_size, max_batches, seed=seed
+        )
+    sizes = spec.group_sizes(model_a)
+    macs = layer_macs(model_a, spec, tuple(inputs.shape[1:]))
+    separate = allocate_separate_units(spec, sizes, macs, budget, priority)
+    splits = split_groups(matching, separate)
+    merged = partial_merge(model_a, model_b, spec, splits)
+    residuals: dict[str, float] = {}
+    if least_squares:
+        report = least_squares_(
+            merged,
+            model_a,
+            model_b,
+            spec,
+            splits,
+            inputs,
+            batch_size,
+            max_batches,
+            ridge,
+            positions_per_image,
+            seed,
+        )
+        residuals = report.relative_residual
+    if reestimate_bn:
+        reestimate_batchnorm_(merged, inputs, batch_size, max_batches)
+    merged.eval()
+    ratios = ratios_of(separate, sizes)
+    return PleasResult(
+        model=merged,
+        matching=matching,
+        splits=splits,
+        ratios=ratios,
+        flops_ratio=flops_ratio(spec, macs, ratios),
+        residuals=residuals,
+    )
