@@ -437,7 +437,8 @@ def save_tsne(ctx: RunContext, finetuned: dict[str, Any], merged: dict[str, Any]
         rng = np.random.default_rng(0)
         idx = np.sort(rng.permutation(len(ft))[:per_task])
         joint = torch.cat([ft.features[idx], mg.features[idx]]).numpy()
-        coords = TSNE(n_components=2, init="pca", random_state=0, perplexity=30).fit_transform(joint)
+        perplexity = float(min(30, max(2, (len(joint) - 1) // 3)))
+        coords = TSNE(n_components=2, init="pca", random_state=0, perplexity=perplexity).fit_transform(joint)
         n = len(idx)
         panels.append({"task": name, "labels": ft.labels[idx].tolist(), "finetuned": coords[:n].tolist(),
                        "merged": coords[n:].tolist()})  # fmt: skip
