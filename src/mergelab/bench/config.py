@@ -62,6 +62,9 @@ class ExperimentConfig(StrictModel):
     protocol_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="options per protocol, e.g. {ft_classifier: {epochs: 5}}"
     )
+    aligned_methods: list[str] | None = Field(
+        default=None, description="methods (display names) evaluated with the aligned transforms (default: all)"
+    )
     shots: list[int] = Field(default_factory=lambda: [5])
     seeds: int = Field(default=5, ge=1)
     select_on: Literal["validation"] = "validation"
@@ -72,7 +75,8 @@ class ExperimentConfig(StrictModel):
     tsne_method: str | None = None
     max_length: int | None = Field(default=None, description="evaluation max length (default: finetune.max_length)")
     batch_size: int = 64
-    threads: int = Field(default=2, ge=1)
+    threads: int = Field(default=2, ge=1, description="torch threads for fine-tuning and feature extraction")
+    protocol_threads: int = Field(default=1, ge=1, description="torch threads for the protocols' small tensors")
 
     @field_validator("shots")
     @classmethod

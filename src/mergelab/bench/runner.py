@@ -82,6 +82,19 @@ def params_json(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+class torch_threads:  # noqa: N801 - used like a function in `with`
+    """Set torch's intra-op threads inside the block (tiny-tensor protocol work is slower with more threads)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads, self.saved = threads, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.saved)
+
+
 def _timed(ctx: RunContext, name: str):
     class _Timer:
         def __enter__(self) -> None:
@@ -236,7 +249,7 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
         )  # fmt: skip
         rows = []
         for key, stored, protocol, options, seed, shots in pending:
-            with _timed(ctx, f"protocol:{protocol}"):
+            with _timed(ctx, f"protocol:{protocol}"), torch_threads(ctx.cfg.protocol_threads):
                 result = run_protocol(protocol, context, seed=seed, shots=shots, **options)
             reference = (finetuned_accuracy or {}).get(task_name)
             rows.append({
@@ -370,17 +383,20 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
             base_fp = checkpoint_fingerprint(ctx.base_path)
             pretrained = {n: encoder_features(ctx, base_encoder, base_fp, t, _present(ctx, n, all_splits))
                           for n, t in ctx.eval_tasks.items()}  # fmt: skip
-            evaluate_subject(ctx, Subject("pretrained", "pretrained"), pretrained, merged_protocols, finetuned, None,
-                             ft_test_acc)  # fmt: skip
+            pretrained_protocols = [p for p in merged_protocols if p != "aligned" or cfg.aligned_methods is None]
+            evaluate_subject(ctx, Subject("pretrained", "pretrained"), pretrained, pretrained_protocols, finetuned,
+                             None, ft_test_acc)  # fmt: skip
         for spec in cfg.methods:
             params = choose_params(ctx, spec, ft_val_acc, finetuned)
             subject = Subject("merged", spec.display, params)
-            if _subject_done(ctx, subject, merged_protocols):
+            protocols = [p for p in merged_protocols
+                         if p != "aligned" or cfg.aligned_methods is None or spec.display in cfg.aligned_methods]  # fmt: skip
+            if _subject_done(ctx, subject, protocols):
                 continue
             encoder, fingerprint = merged_encoder(ctx, spec, params)
             feats = {n: encoder_features(ctx, encoder, fingerprint, t, _present(ctx, n, ("train", "test")))
                      for n, t in ctx.eval_tasks.items()}  # fmt: skip
-            evaluate_subject(ctx, subject, feats, merged_protocols, finetuned, None, ft_test_acc)
+            evaluate_subject(ctx, subject, feats, protocols, finetuned, None, ft_test_acc)
             if spec.display == (cfg.tsne_method or cfg.methods[0].display):
                 save_tsne(ctx, finetuned, feats)
         ctx.timings["total"] = time.perf_counter() - started

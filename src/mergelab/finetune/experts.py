@@ -88,7 +88,7 @@ def finetune_expert(base_path: str | os.PathLike[str], task: Any, out_dir: str |
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    losses.append(float(out.loss))
+                    losses.append(float(out.loss.detach()))
                     step += 1
                     if advance:
                         advance(len(idx))

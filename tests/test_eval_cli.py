@@ -1,0 +1,74 @@
+"""`mergelab eval` and `mergelab.evaluate.api.evaluate` on tiny HF checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from transformers import AutoModel, AutoTokenizer
+from typer.testing import CliRunner
+
+import mergelab
+from mergelab.cli import app
+from mergelab.evaluate.api import evaluate
+from tests._text_helpers import make_task, tiny_classifier
+
+runner = CliRunner()
+
+
+def _setup(tmp_path):
+    tasks, experts = {}, {}
+    base = tiny_classifier("bert", tmp_path / "cls", seed=0)
+    bare = tmp_path / "base"
+    AutoModel.from_pretrained(base).save_pretrained(bare)
+    AutoTokenizer.from_pretrained(base).save_pretrained(bare)
+    for i in range(2):
+        task = make_task(f"t{i}", num_classes=3, per_class=8, seed=i)
+        folder = tmp_path / f"data{i}"
+        folder.mkdir()
+        for split, data in task.splits.items():
+            pd.DataFrame({"text": data.texts, "label": [task.label_names[y] for y in data.labels]}).to_csv(
+                folder / f"{split}.csv", index=False)  # fmt: skip
+        tasks[task.name] = folder
+        experts[task.name] = tiny_classifier("bert", tmp_path / f"ft{i}", seed=10 + i)
+    return bare, experts, tasks
+
+
+def test_eval_cli_writes_rows_and_prints_table(tmp_path):
+    bare, experts, tasks = _setup(tmp_path)
+    merged = mergelab.merge("weight_average", bare, list(experts.values()), out=tmp_path / "merged")
+    args = ["eval", "--merged", str(merged), "--protocol", "current,knn,aligned,ft_classifier,linear_probe,ensemble",
+            "--shots", "1,2", "--seeds", "2", "--transforms", "procrustes", "--out", str(tmp_path / "rows.json"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    for task in experts:
+        args += ["--finetuned", f"{task}={experts[task]}", "--data", f"{task}={tasks[task]}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "FT-Classifier" in result.output and "t0" in result.output
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {"protocol", "task", "seed", "shots", "accuracy", "transductive"} <= set(rows[0])
+    protocols = {r["protocol"] for r in rows}
+    assert protocols == {"current", "knn", "aligned:procrustes", "ft_classifier", "linear_probe", "ensemble"}
+    assert len([r for r in rows if r["protocol"] == "knn"]) == 2 * 2 * 2  # tasks × seeds × shots
+    assert all(r["transductive"] for r in rows if r["protocol"].startswith("aligned"))
+
+
+def test_evaluate_api_is_deterministic_and_the_base_can_be_evaluated(tmp_path):
+    bare, experts, tasks = _setup(tmp_path)
+    kwargs = dict(protocols=["knn", "ft_classifier"], shots=[2], seeds=2, cache_dir=tmp_path / "c", progress=False)
+    first = evaluate(bare, experts, tasks, **kwargs)  # the pretrained base as the evaluated encoder
+    second = evaluate(bare, experts, tasks, **kwargs)
+    assert [r["accuracy"] for r in first] == [r["accuracy"] for r in second]
+
+
+def test_eval_cli_bad_inputs(tmp_path):
+    bare, experts, tasks = _setup(tmp_path)
+    result = runner.invoke(app, ["eval", "--merged", str(bare), "--finetuned", f"t0={experts['t0']}",
+                                 "--data", f"t1={tasks['t1']}"])  # fmt: skip
+    assert result.exit_code != 0 and "unmatched" in result.output
+    result = runner.invoke(app, ["eval", "--merged", str(bare), "--finetuned", f"t0={experts['t0']}",
+                                 "--data", f"t0={tmp_path / 'nope'}"])  # fmt: skip
+    assert result.exit_code != 0 and "does not exist" in result.output
+    result = runner.invoke(app, ["eval", "--merged", str(bare), "--finetuned", f"t0={experts['t0']}",
+                                 "--data", f"t0={tasks['t0']}", "--protocol", "magic"])  # fmt: skip
+    assert result.exit_code != 0 and "unknown protocol" in result.output
