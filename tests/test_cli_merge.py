@@ -124,3 +124,15 @@ def test_cli_bad_inputs_fail_cleanly(family, tmp_path, case):
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("method", ["weight_average", "task_arithmetic", "ties", "dare", "magmax", "cart", "model_stock"])
+def test_every_method_through_the_cli_equals_the_api(family, tmp_path, method):
+    base, models = family
+    out = tmp_path / method
+    result = runner.invoke(app, _merge_args(base, models, out, "--method", method))
+    assert result.exit_code == 0, result.output
+    expected = mergelab.merge(method, base, models)
+    reader = mergelab.open_checkpoint(out)
+    for name, tensor in expected.items():
+        assert torch.equal(reader.get(name), tensor), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _console() -> Console:
     return Console(stderr=False)
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep the terminal for mergelab's own progress: silence transformers' load reports and bars."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def friendly_errors(func: F) -> F:
@@ -215,6 +228,25 @@ def demo_command(
     report = run_benchmark(demo_config(), out, cache_dir, log=lambda msg: typer.echo(msg, err=True))
     _print_main_table(out)
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+@app.command("vision-bench")
+@friendly_errors
+def vision_bench_command(
+    out: Path = typer.Option(Path("runs/vision"), "--out", help="output folder"),
+    budgets: str = typer.Option("1.0,1.2,1.5,2.0", "--budgets", help="PLeaS width budgets between 1.0 and 2.0"),
+) -> None:
+    """PLeaS on two small CNNs trained from different inits (MNIST vs Fashion-MNIST); accuracy-vs-budget plot."""
+    from mergelab.errors import ConfigError
+    from mergelab.pleas.benchmark import run_vision_benchmark
+
+    try:
+        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--budgets must be comma-separated numbers, got '{budgets}'") from None
+    results = run_vision_benchmark(out, budgets=budget_list, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(json.dumps(results.get("summary", results), indent=1, default=str)[:4000])
+    typer.echo(f"results and plot in {out}")
 
 
 def _print_main_table(run_dir: Path) -> None:
