@@ -266,11 +266,9 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                                                                                      meta.get("selection") or {})]
     sections += ["## Run facts", facts(meta)]
     md = "\n\n".join(sections) + "\n"
-    images = "".join(f"<h2>{html.escape(name)}</h2><img src='{name}'>" for name, data in figures.items() if data)
     md_with_figs = md + "\n" + "\n".join(f"![{name}]({name})" for name, data in figures.items() if data) + "\n"
     atomic_write_text(run_dir / "report.md", md_with_figs)
     atomic_write_text(run_dir / "report.html", render_html(md, figures))
-    del images
     return {"markdown": run_dir / "report.md", "html": run_dir / "report.html"}
 
 
