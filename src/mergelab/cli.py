@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -245,8 +244,15 @@ def vision_bench_command(
     except ValueError:
         raise ConfigError(f"--budgets must be comma-separated numbers, got '{budgets}'") from None
     results = run_vision_benchmark(out, budgets=budget_list, log=lambda msg: typer.echo(msg, err=True))
-    typer.echo(json.dumps(results.get("summary", results), indent=1, default=str)[:4000])
-    typer.echo(f"results and plot in {out}")
+    table = Table(title="PLeaS vision benchmark: test accuracy (%)")
+    rows = results.get("rows", [])
+    columns = [k for k in (rows[0] if rows else {}) if k not in ("extras",)]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{100 * row[c]:.1f}" if c.endswith("_acc") else str(row[c]) for c in columns])
+    _console().print(table)
+    typer.echo(f"wall time {results.get('wall_time_s', 0):.0f} s; results.json, results.csv and accuracy_vs_budget.png in {out}")
 
 
 def _print_main_table(run_dir: Path) -> None:
