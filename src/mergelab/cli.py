@@ -19,7 +19,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _console() -> Console:
-    return Console(stderr=False)
+    console = Console(stderr=False)
+    if not console.is_terminal:  # piped (make demo | tee): wide enough for the tables
+        console = Console(stderr=False, width=160)
+    return console
 
 
 @app.callback()
@@ -256,11 +259,12 @@ def vision_bench_command(
 
 
 def _print_main_table(run_dir: Path) -> None:
-    from mergelab.bench.report import main_table, table_shots, task_order
+    from mergelab.bench.report import config_methods, main_table, table_shots, task_order
     from mergelab.bench.store import ResultStore
 
     with ResultStore(Path(run_dir) / "results.sqlite") as store:
         rows = store.rows("test")
+        methods = config_methods(store.get_meta("config"))
     if not rows:
         return
     tasks = task_order(rows)
@@ -268,7 +272,7 @@ def _print_main_table(run_dir: Path) -> None:
     table = Table(title=f"accuracy (%) on test, mean ± std over seeds ({shots}-shot rows); † transductive")
     for column in ("", *tasks, "Avg"):
         table.add_column(column, justify="right" if column else "left")
-    for label, cells, transductive in main_table(rows, tasks, shots):
+    for label, cells, transductive in main_table(rows, tasks, shots, methods):
         table.add_row(label + (" †" if transductive else ""), *cells)
     _console().print(table)
 

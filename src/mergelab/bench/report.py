@@ -74,7 +74,8 @@ def table_shots(rows: list[dict[str, Any]], preferred: int = 5) -> int:
     return preferred if preferred in shots else shots[-1]
 
 
-def main_table(rows: list[dict[str, Any]], tasks: list[str], shots: int) -> list[tuple[str, list[str], bool]]:
+def main_table(rows: list[dict[str, Any]], tasks: list[str], shots: int,
+               methods: list[str] | None = None) -> list[tuple[str, list[str], bool]]:  # fmt: skip
     """Rows of Table 2 (+ Table 3's pretrained rows and the ensemble): (label, cells, transductive)."""
     agg = aggregate(rows)
     columns = [*tasks, "Avg"]
@@ -89,7 +90,7 @@ def main_table(rows: list[dict[str, Any]], tasks: list[str], shots: int) -> list
     out = []
     candidates = [("Fine-tuned (individual)", ("finetuned", "individual", "current", 0)),
                   ("Multi-task learning", ("mtl", "mtl", "current", 0))]  # fmt: skip
-    for method in method_order(rows):
+    for method in method_order(rows, methods):
         candidates += [
             (method, ("merged", method, "current", 0)),
             (f"{method} + KNN ({shots}-shot)", ("merged", method, "knn", shots)),
@@ -108,12 +109,18 @@ def main_table(rows: list[dict[str, Any]], tasks: list[str], shots: int) -> list
     return out
 
 
-def method_order(rows: list[dict[str, Any]]) -> list[str]:
-    seen: list[str] = []
+def method_order(rows: list[dict[str, Any]], preferred: list[str] | None = None) -> list[str]:
+    """Merged methods in the config's order (``preferred``), then any others in row order."""
+    seen: list[str] = [m for m in (preferred or []) if any(r["model"] == "merged" and r["method"] == m for r in rows)]
     for row in rows:
         if row["model"] == "merged" and row["method"] not in seen:
             seen.append(row["method"])
     return seen
+
+
+def config_methods(config: dict[str, Any] | None) -> list[str]:
+    """Display names of the configured methods, in config order."""
+    return [m.get("label") or m["name"] for m in (config or {}).get("methods", [])]
 
 
 def markdown_table(header: list[str], lines: list[list[str]]) -> str:
@@ -166,7 +173,7 @@ def figure_aligned(rows: list[dict[str, Any]]) -> bytes | None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods)
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("Aligned transforms (transductive: fitted on unlabelled test inputs)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -202,6 +209,7 @@ def figure_shots(rows: list[dict[str, Any]]) -> bytes | None:
         ax.axis("off")
     axes[0][0].set_ylabel("average accuracy (%)")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -244,7 +252,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         raise MergelabError(f"no results in {run_dir}; run `mergelab bench CONFIG --out {run_dir}` first")
     tasks = task_order(rows)
     shots = table_shots(rows)
-    table = main_table(rows, tasks, shots)
+    table = main_table(rows, tasks, shots, config_methods(meta.get("config")))
     header = ["", *tasks, "Avg"]
     md_lines = [[label + (" †" if transductive else ""), *cells] for label, cells, transductive in table]
     figures = {"fig4_aligned.png": figure_aligned(rows), "fig5_shots.png": figure_shots(rows),
