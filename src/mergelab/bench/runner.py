@@ -47,6 +47,7 @@ class RunContext:
     tasks: dict[str, Any] = field(default_factory=dict)
     eval_tasks: dict[str, Any] = field(default_factory=dict)
     run_key: str = ""
+    pooling: str = ""
     experts: dict[str, Expert] = field(default_factory=dict)
     feature_cache: Any = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -175,25 +176,38 @@ def train_experts(ctx: RunContext) -> None:
         ctx.log(f"expert '{name}': {path}")
 
 
-def encoder_features(ctx: RunContext, encoder: torch.nn.Module, fingerprint: str, task: Any,
-                     splits: tuple[str, ...]) -> Any:  # fmt: skip
-    """Features of ``encoder`` on the given splits of ``task``, from the on-disk cache when present."""
+def encoder_features(ctx: RunContext, encoder: Any, fingerprint: str, task: Any, splits: tuple[str, ...]) -> Any:
+    """Features of ``encoder`` (or a lazy builder of it) on ``splits`` of ``task``, from the cache when present."""
     with _timed(ctx, "features"):
         return ctx.feature_cache.features(
             encoder, fingerprint, task, splits=splits, max_length=ctx.cfg.eval_max_length,
-            batch_size=ctx.cfg.batch_size,
+            batch_size=ctx.cfg.batch_size, kind=ctx.pooling,
         )  # fmt: skip
 
 
-def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) -> tuple[torch.nn.Module, str]:
-    """Merge the experts in memory with one parameter setting; return the encoder and its content fingerprint."""
+def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) -> tuple[Callable[[], Any], str]:
+    """A lazy in-memory merge of the experts with one parameter setting, and its cache identity.
+
+    The identity is the merge recipe (method, params, base and expert content fingerprints, mergelab version),
+    which determines the merged weights; the merge itself runs only if some features are not cached yet.
+    """
+    import hashlib
+
     import mergelab
-    from mergelab.models.fingerprint import state_dict_fingerprint
+    from mergelab.models.fingerprint import checkpoint_fingerprint
     from mergelab.models.hf import load_encoder
 
-    with _timed(ctx, "merging"):
-        state = mergelab.merge(spec.name, ctx.base_path, [e.path for e in ctx.experts.values()], **params)
-    return load_encoder(state, ctx.base_path), state_dict_fingerprint(state)
+    recipe = json.dumps({"method": spec.name, "params": params, "base": checkpoint_fingerprint(ctx.base_path),
+                         "experts": [e.fingerprint for e in ctx.experts.values()], "mergelab": mergelab.__version__},
+                        sort_keys=True, default=str)  # fmt: skip
+    fingerprint = "merge-" + hashlib.sha256(recipe.encode()).hexdigest()
+
+    def build() -> Any:
+        with _timed(ctx, "merging"):
+            state = mergelab.merge(spec.name, ctx.base_path, [e.path for e in ctx.experts.values()], **params)
+            return load_encoder(state, ctx.base_path)
+
+    return build, fingerprint
 
 
 # ----------------------------------------------------------------------------------------------------- protocols
@@ -263,7 +277,7 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
     ctx.log(f"evaluated {subject.model}/{subject.method} {params_json(subject.params)}")
 
 
-def validation_score(ctx: RunContext, encoder: torch.nn.Module, fingerprint: str,
+def validation_score(ctx: RunContext, encoder: Any, fingerprint: str,
                      finetuned_val_accuracy: dict[str, float], finetuned: dict[str, Any]) -> float:  # fmt: skip
     """Average normalised accuracy over tasks on the validation split, by the configured selection protocol."""
     from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
@@ -299,6 +313,7 @@ def choose_params(ctx: RunContext, spec: MethodSpec, finetuned_val_accuracy: dic
     tried = []
     for params in candidates:
         encoder, fingerprint = merged_encoder(ctx, spec, params)
+        encoder = _once(encoder)
         score = validation_score(ctx, encoder, fingerprint, finetuned_val_accuracy, finetuned)
         tried.append({"params": params, "score": score})
         ctx.log(f"  {spec.display} {params_json(params)}: validation score {100 * score:.1f}")
@@ -361,6 +376,7 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
             .encode()
         ).hexdigest()[:16]  # fmt: skip
         ctx.feature_cache = FeatureCache(cache / "features", progress=True)
+        ctx.pooling = next(iter(ctx.experts.values())).encoder.pooling
 
         all_splits = ("train", "validation", "test")
         finetuned = {n: encoder_features(ctx, e.encoder, e.fingerprint, ctx.eval_tasks[n], _present(ctx, n, all_splits))
@@ -394,6 +410,7 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
             if _subject_done(ctx, subject, protocols):
                 continue
             encoder, fingerprint = merged_encoder(ctx, spec, params)
+            encoder = _once(encoder)
             feats = {n: encoder_features(ctx, encoder, fingerprint, t, _present(ctx, n, ("train", "test")))
                      for n, t in ctx.eval_tasks.items()}  # fmt: skip
             evaluate_subject(ctx, subject, feats, protocols, finetuned, None, ft_test_acc)
@@ -410,6 +427,18 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
 
         return build_report(run_dir)["markdown"]
     return run_dir / "results.sqlite"
+
+
+def _once(build: Callable[[], Any]) -> Callable[[], Any]:
+    """Call ``build`` at most once (one merge serves every task's missing features)."""
+    cache: list[Any] = []
+
+    def get() -> Any:
+        if not cache:
+            cache.append(build())
+        return cache[0]
+
+    return get
 
 
 def _present(ctx: RunContext, task: str, splits: tuple[str, ...]) -> tuple[str, ...]:

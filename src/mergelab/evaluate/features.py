@@ -34,16 +34,24 @@ class FeatureCache:
         self.computed = 0  # splits computed (not read from the cache) by this object
 
     def features(self, encoder: Any, fingerprint: str, task: Any, splits: tuple[str, ...] = ("train", "test"),
-                 max_length: int = 128, batch_size: int = 64) -> TaskFeatures:  # fmt: skip
-        """Features of ``encoder`` on ``splits`` of ``task`` (a TextTask), from the cache when present."""
-        kind = getattr(encoder, "pooling", type(encoder).__name__)
+                 max_length: int = 128, batch_size: int = 64, kind: str | None = None) -> TaskFeatures:  # fmt: skip
+        """Features of ``encoder`` on ``splits`` of ``task`` (a TextTask), from the cache when present.
+
+        ``encoder`` may be a zero-argument callable that builds the encoder: it is only called when a split is
+        missing from the cache (a merged encoder then need not even be merged on a warm run). ``kind`` names the
+        feature (the pooling); pass it with a lazy encoder.
+        """
+        kind = kind or getattr(encoder, "pooling", type(encoder).__name__)
         task_hash = task.content_hash()
         out = {}
+        built = None
         for split in splits:
             path = cache_file(self.folder, fingerprint, task_hash, split, kind, max_length)
             cached = self._read(path, len(task.splits[split]))
             if cached is None:
-                cached = self._compute(encoder, task, split, max_length, batch_size)
+                if built is None:
+                    built = encoder() if callable(encoder) and not isinstance(encoder, torch.nn.Module) else encoder
+                cached = self._compute(built, task, split, max_length, batch_size)
                 self._write(path, cached)
                 self.computed += 1
             out[split] = cached
