@@ -155,3 +155,10 @@ def test_demo_config_is_valid():
 
     cfg = demo_config()
     assert isinstance(cfg, ExperimentConfig) and len(cfg.tasks) == 4 and cfg.seeds == 5
+
+
+def test_config_protocol_names_match_the_protocol_registry():
+    from mergelab.bench.config import PROTOCOLS
+    from mergelab.evaluate.protocols.common import protocol_infos
+
+    assert set(PROTOCOLS) == set(protocol_infos())

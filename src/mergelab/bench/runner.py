@@ -21,9 +21,6 @@ from mergelab.bench.config import ExperimentConfig, MethodSpec
 from mergelab.bench.store import ResultStore, cell_key
 from mergelab.errors import ConfigError
 
-DETERMINISTIC = {"current", "ensemble", "aligned", "surgery"}  # evaluated once (seed 0), shots not used
-FEWSHOT = {"knn", "ft_classifier", "linear_probe"}
-
 Log = Callable[[str], None]
 
 
@@ -230,16 +227,12 @@ def subject_cell_key(ctx: RunContext, subject: Subject, protocol: str, task: str
 
 def protocol_cells(cfg: ExperimentConfig, protocols: list[str]) -> list[tuple[str, str, dict[str, Any], int, int]]:
     """(stored protocol name, protocol, options, seed, shots) for every cell of one (subject, task)."""
-    cells = []
-    for protocol in protocols:
-        options = dict(cfg.protocol_options.get(protocol, {}))
-        if protocol == "aligned":
-            cells += [(f"aligned:{t}", "aligned", {**options, "transform": t}, 0, 0) for t in cfg.transforms]
-        elif protocol in DETERMINISTIC:
-            cells.append((protocol, protocol, options, 0, 0))
-        else:
-            cells += [(protocol, protocol, options, seed, k) for seed in range(cfg.seeds) for k in cfg.shots]
-    return cells
+    from mergelab.evaluate.api import expand_cells
+
+    return [
+        (stored, protocol, {**cfg.protocol_options.get(protocol, {}), **options}, seed, shots)
+        for stored, protocol, options, seed, shots in expand_cells(protocols, cfg.shots, cfg.seeds, cfg.transforms)
+    ]
 
 
 def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any], protocols: list[str],

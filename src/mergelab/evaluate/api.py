@@ -12,7 +12,6 @@ import torch
 from mergelab.errors import ConfigError
 
 PathLike = str | os.PathLike[str]
-ALL_PROTOCOLS = ("current", "knn", "aligned", "ft_classifier", "linear_probe", "ensemble", "surgery")
 DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
 
 
@@ -59,16 +58,17 @@ def evaluate(
     from mergelab.bench.runner import default_cache_dir
     from mergelab.data.tasks import load_task
     from mergelab.evaluate.features import FeatureCache
-    from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, run_protocol
+    from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, protocol_infos, run_protocol
     from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
     from mergelab.models.hf import load_encoder, load_task_model
 
     missing = sorted(set(data) ^ set(finetuned))
     if missing:
         raise ConfigError(f"every task needs both --finetuned and --data; unmatched: {', '.join(missing)}")
-    unknown = [p for p in protocols if p not in ALL_PROTOCOLS]
+    known = protocol_infos()
+    unknown = [p for p in protocols if p not in known]
     if unknown:
-        raise ConfigError(f"unknown protocol(s) {unknown}; choose from {', '.join(ALL_PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol(s) {unknown}; choose from {', '.join(known)}")
     cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress)
     tasks = {name: load_task(name, path) for name, path in data.items()}
     experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
