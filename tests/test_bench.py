@@ -47,7 +47,8 @@ def setup(tmp_path_factory) -> dict:
         "data": {"fewshot_pool_per_class": 4},
         "finetune": {"epochs": 3, "lr": 3.0e-3, "max_length": 16, "batch_size": 8},
         "methods": [{"name": "weight_average"}, {"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}},
-                    {"name": "ties", "params": {"density": 0.5}, "grid": {"scale": [0.5]}}],
+                    {"name": "ties", "params": {"density": 0.5}, "grid": {"scale": [0.5]}},
+                    {"name": "regmean", "params": {"num_examples": 8}}],
         "protocols": ["current", "knn", "aligned", "ft_classifier", "ensemble"],
         "protocol_options": {"ft_classifier": {"epochs": 2}, "aligned": {"steps": 30}},
         "transforms": ["procrustes", "orthogonal"],
@@ -70,6 +71,7 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     kinds = {(r["model"], r["method"], r["protocol"]) for r in rows}
     assert ("finetuned", "individual", "current") in kinds and ("ensemble", "ensemble", "ensemble") in kinds
     assert ("pretrained", "pretrained", "knn") in kinds and ("merged", "ties", "aligned:procrustes") in kinds
+    assert ("merged", "regmean", "current") in kinds  # a data-dependent method through the same runner
     assert chosen["task_arithmetic"]["scale"] in (0.3, 1.0)  # chosen on validation and recorded
     assert all(r["transductive"] for r in rows if r["protocol"].startswith("aligned"))
     assert not any(r["transductive"] for r in rows if r["protocol"] in ("current", "knn", "ft_classifier"))
@@ -140,6 +142,7 @@ def test_rerun_does_no_new_work(setup):
         ({"methods": [{"name": "tiez"}]}, "unknown merge method 'tiez'"),
         ({"methods": [{"name": "ties", "params": {"density": 3}}]}, "density"),
         ({"methods": [{"name": "ties", "grid": {"scope": ["layer"]}}]}, "scope"),
+        ({"methods": [{"name": "regmean", "params": {"alpha": 2}}]}, "alpha"),
     ],
 )
 def test_config_validation_errors_name_the_problem(tmp_path, change, message):

@@ -129,6 +129,17 @@ def methods_command() -> None:
             table.add_row(row["name"], row["type"], row["default"], row["range"], row["doc"])
         console.print(table)
         console.print()
+    from mergelab.learned.registry import DATA_METHODS
+
+    for name, (params_cls, _, summary) in DATA_METHODS.items():
+        console.print(f"[bold]{name}[/bold] — {summary} (data-dependent: in `mergelab bench` configs)")
+        table = Table(show_header=True, header_style="dim", box=None, pad_edge=False)
+        for column in ("param", "default", "doc"):
+            table.add_column(column)
+        for key, info in params_cls.model_fields.items():
+            table.add_row(key, repr(info.default), info.description or "")
+        console.print(table)
+        console.print()
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:

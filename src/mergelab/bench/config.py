@@ -102,11 +102,15 @@ class ExperimentConfig(StrictModel):
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
     cfg = load_yaml_config(path, ExperimentConfig)
+    from mergelab.learned.registry import data_method_names, validate_data_params
     from mergelab.merging.registry import build_method
 
     for method in cfg.methods:  # fail before any work on a wrong method name or parameter
         sample = {key: values[0] for key, values in method.grid.items() if values}
-        build_method(method.name, {**method.params, **sample}, max(len(cfg.tasks), 2))
+        if method.name in data_method_names():
+            validate_data_params(method.name, {**method.params, **sample})
+        else:
+            build_method(method.name, {**method.params, **sample}, max(len(cfg.tasks), 2))
     return cfg
 
 

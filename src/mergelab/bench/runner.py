@@ -200,8 +200,15 @@ def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) ->
     fingerprint = "merge-" + hashlib.sha256(recipe.encode()).hexdigest()
 
     def build() -> Any:
+        from mergelab.learned.registry import data_method_names, run_data_method
+
+        experts = [e.path for e in ctx.experts.values()]
         with _timed(ctx, "merging"):
-            state = mergelab.merge(spec.name, ctx.base_path, [e.path for e in ctx.experts.values()], **params)
+            if spec.name in data_method_names():  # needs activations: each expert's own unlabelled train inputs
+                texts = [ctx.tasks[n].splits["train"].texts for n in ctx.experts]
+                state = run_data_method(spec.name, params, str(ctx.base_path), experts, texts, ctx.cfg.eval_max_length)
+            else:
+                state = mergelab.merge(spec.name, ctx.base_path, experts, **params)
             return load_encoder(state, ctx.base_path)
 
     return build, fingerprint

@@ -1,0 +1,1 @@
+"""Data-dependent merging methods (methods that need activations of the fine-tuned models)."""
