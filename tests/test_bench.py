@@ -48,7 +48,8 @@ def setup(tmp_path_factory) -> dict:
         "finetune": {"epochs": 3, "lr": 3.0e-3, "max_length": 16, "batch_size": 8},
         "methods": [{"name": "weight_average"}, {"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}},
                     {"name": "ties", "params": {"density": 0.5}, "grid": {"scale": [0.5]}},
-                    {"name": "regmean", "params": {"num_examples": 8}}],
+                    {"name": "regmean", "params": {"num_examples": 8}},
+                    {"name": "fisher", "params": {"num_examples": 4, "label_mode": "sampled"}}],
         "protocols": ["current", "knn", "aligned", "ft_classifier", "ensemble"],
         "protocol_options": {"ft_classifier": {"epochs": 2}, "aligned": {"steps": 30}},
         "transforms": ["procrustes", "orthogonal"],
@@ -71,7 +72,8 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     kinds = {(r["model"], r["method"], r["protocol"]) for r in rows}
     assert ("finetuned", "individual", "current") in kinds and ("ensemble", "ensemble", "ensemble") in kinds
     assert ("pretrained", "pretrained", "knn") in kinds and ("merged", "ties", "aligned:procrustes") in kinds
-    assert ("merged", "regmean", "current") in kinds  # a data-dependent method through the same runner
+    assert ("merged", "regmean", "current") in kinds  # data-dependent methods through the same runner
+    assert ("merged", "fisher", "knn") in kinds
     assert chosen["task_arithmetic"]["scale"] in (0.3, 1.0)  # chosen on validation and recorded
     assert all(r["transductive"] for r in rows if r["protocol"].startswith("aligned"))
     assert not any(r["transductive"] for r in rows if r["protocol"] in ("current", "knn", "ft_classifier"))

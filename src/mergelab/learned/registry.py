@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationError
@@ -25,8 +25,25 @@ def _run_regmean(params: RegMeanParams, base: str, experts: Sequence[str], texts
     return regmean(base, experts, texts, alpha=params.alpha, num_examples=params.num_examples, max_length=max_length)
 
 
+class FisherParams(MethodParams):
+    num_examples: int = Field(64, ge=1, description="unlabelled train inputs per task for each diagonal Fisher")
+    label_mode: Literal["expected", "sampled"] = Field(
+        "expected", description="sum over classes weighted by p (exact) or sample y ~ p (one backward pass)"
+    )
+    normalize: bool = Field(True, description="weight each model by 1/‖F_t‖ (FusionBench default)")
+
+
+def _run_fisher(params: FisherParams, base: str, experts: Sequence[str], texts: Sequence[Sequence[str]],
+                max_length: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    from mergelab.learned.fisher import fisher
+
+    return fisher(base, experts, texts, num_examples=params.num_examples, label_mode=params.label_mode,
+                  normalize=params.normalize, max_length=max_length)  # fmt: skip
+
+
 DATA_METHODS: dict[str, tuple[type[MethodParams], Callable[..., dict[str, torch.Tensor]], str]] = {
     "regmean": (RegMeanParams, _run_regmean, "RegMean: closed-form least squares per Linear layer from input Grams"),
+    "fisher": (FisherParams, _run_fisher, "Fisher merging with an exact per-example diagonal Fisher"),
 }
 
 
