@@ -527,7 +527,7 @@ def test_valid_parameters_build_and_dare_default_scales():
 
 def test_every_method_declares_one_line_docs_and_flags():
     methods = {m["name"]: m for m in list_methods()}
-    assert set(methods) == {"weight_average", "task_arithmetic", "ties", "dare", "magmax", "cart", "model_stock"}
+    assert set(methods) == {"weight_average", "task_arithmetic", "ties", "dare", "magmax", "cart", "consensus", "model_stock"}
     assert not methods["weight_average"]["needs_base"] and not methods["cart"]["needs_base"]
     assert methods["ties"]["needs_base"] and methods["model_stock"]["needs_base"]
     for info in methods.values():

@@ -15,6 +15,7 @@ from mergelab.merging.base import MergeMethod
 def method_classes() -> dict[str, type[MergeMethod]]:
     """Every weight-space merging method, by name (imported on demand)."""
     from mergelab.merging.methods.cart import Cart
+    from mergelab.merging.methods.consensus import Consensus
     from mergelab.merging.methods.dare import Dare
     from mergelab.merging.methods.magmax import MagMax
     from mergelab.merging.methods.model_stock import ModelStock
@@ -22,7 +23,7 @@ def method_classes() -> dict[str, type[MergeMethod]]:
     from mergelab.merging.methods.ties import Ties
     from mergelab.merging.methods.weight_average import WeightAverage
 
-    classes = (WeightAverage, TaskArithmetic, Ties, Dare, MagMax, Cart, ModelStock)
+    classes = (WeightAverage, TaskArithmetic, Ties, Dare, MagMax, Cart, Consensus, ModelStock)
     return {cls.name: cls for cls in classes}
 
 

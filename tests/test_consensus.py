@@ -1,0 +1,37 @@
+"""Consensus merging / TALL masks on hand-made vectors."""
+
+from __future__ import annotations
+
+import torch
+
+from mergelab.merging.methods.consensus import tall_masks
+from mergelab.merging.registry import build_method
+
+
+def test_tall_masks_by_hand():
+    taus = [torch.tensor([1.0, 0.1, -2.0]), torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.1, 0.1])]
+    # τ_MTL = [2.0, 0.2, 0.1]; τ_MTL − τ_t: [1.0, 0.1, 2.1], [1.0, 0.2, -1.9], [2.0, 0.1, 0.0]
+    masks = tall_masks(taus, 0.6)
+    assert masks[0].tolist() == [True, True, True]     # 1 ≥ 0.6, 0.1 ≥ 0.06, 2 ≥ 1.26
+    assert masks[1].tolist() == [True, False, True]    # 1 ≥ 0.6, 0 < 0.12, 2 ≥ 1.14
+    assert masks[2].tolist() == [False, True, True]    # 0 < 1.2, 0.1 ≥ 0.06, 0.1 ≥ 0
+    assert tall_masks(taus, 0.0)[1].tolist() == [True, True, True]
+
+
+def test_consensus_keeps_weights_used_by_k_tasks():
+    base = torch.zeros(3)
+    models = [torch.tensor([1.0, 0.1, -2.0]), torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.1, 0.1])]
+    # votes = [2, 2, 3]: with k = 2 everything stays; with k = 3 only the last entry
+    method = build_method("consensus", {"tall_lambda": 0.6, "min_tasks": 2, "scale": 0.5}, 3)
+    assert torch.allclose(method.merge_tensor("w", base.clone(), [m.clone() for m in models]), torch.tensor([1.0, 0.1, 0.05]))
+    method = build_method("consensus", {"tall_lambda": 0.6, "min_tasks": 3, "scale": 1.0}, 3)
+    assert torch.allclose(method.merge_tensor("w", base.clone(), [m.clone() for m in models]), torch.tensor([0.0, 0.0, 0.1]))
+
+
+def test_consensus_with_k_zero_is_task_arithmetic():
+    torch.manual_seed(0)
+    base = torch.randn(5, 4)
+    models = [base + 0.1 * torch.randn(5, 4) for _ in range(3)]
+    merged = build_method("consensus", {"min_tasks": 0, "scale": 0.3}, 3).merge_tensor("w", base.clone(), [m.clone() for m in models])
+    expected = build_method("task_arithmetic", {"scale": 0.3}, 3).merge_tensor("w", base.clone(), [m.clone() for m in models])
+    torch.testing.assert_close(merged, expected)
