@@ -49,7 +49,8 @@ def setup(tmp_path_factory) -> dict:
         "methods": [{"name": "weight_average"}, {"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}},
                     {"name": "ties", "params": {"density": 0.5}, "grid": {"scale": [0.5]}},
                     {"name": "regmean", "params": {"num_examples": 8}},
-                    {"name": "fisher", "params": {"num_examples": 4, "label_mode": "sampled"}}],
+                    {"name": "fisher", "params": {"num_examples": 4, "label_mode": "sampled"}},
+                    {"name": "adamerging", "params": {"steps": 2, "num_examples": 8, "batch_size": 4}}],
         "protocols": ["current", "knn", "aligned", "ft_classifier", "ensemble"],
         "protocol_options": {"ft_classifier": {"epochs": 2}, "aligned": {"steps": 30}},
         "transforms": ["procrustes", "orthogonal"],
@@ -74,9 +75,11 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     assert ("pretrained", "pretrained", "knn") in kinds and ("merged", "ties", "aligned:procrustes") in kinds
     assert ("merged", "regmean", "current") in kinds  # data-dependent methods through the same runner
     assert ("merged", "fisher", "knn") in kinds
+    assert all(r["transductive"] for r in rows if r["method"] == "adamerging")  # learned on test inputs
     assert chosen["task_arithmetic"]["scale"] in (0.3, 1.0)  # chosen on validation and recorded
     assert all(r["transductive"] for r in rows if r["protocol"].startswith("aligned"))
-    assert not any(r["transductive"] for r in rows if r["protocol"] in ("current", "knn", "ft_classifier"))
+    assert not any(r["transductive"] for r in rows
+                   if r["protocol"] in ("current", "knn", "ft_classifier") and r["method"] != "adamerging")
     csv = pd.read_csv(run / "results.csv")
     assert {"method", "params", "protocol", "task", "seed", "shots", "accuracy", "transductive"} <= set(csv.columns)
     assert len(csv) == len(rows)

@@ -206,7 +206,9 @@ def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) ->
         with _timed(ctx, "merging"):
             if spec.name in data_method_names():  # needs activations: each expert's own unlabelled train inputs
                 texts = [ctx.tasks[n].splits["train"].texts for n in ctx.experts]
-                state = run_data_method(spec.name, params, str(ctx.base_path), experts, texts, ctx.cfg.eval_max_length)
+                test_texts = [ctx.tasks[n].splits["test"].texts for n in ctx.experts]
+                state = run_data_method(spec.name, params, str(ctx.base_path), experts, texts,
+                                        ctx.cfg.eval_max_length, test_texts=test_texts)  # fmt: skip
             else:
                 state = mergelab.merge(spec.name, ctx.base_path, experts, **params)
             return load_encoder(state, ctx.base_path)
@@ -224,6 +226,7 @@ class Subject:
     model: str
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    transductive: bool = False  # the merge itself learned from unlabelled test inputs (e.g. AdaMerging)
 
 
 def subject_cell_key(ctx: RunContext, subject: Subject, protocol: str, task: str, seed: int, shots: int) -> str:
@@ -270,7 +273,8 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
                 "key": key, "model": subject.model, "method": subject.method, "params": params_json(subject.params),
                 "protocol": stored, "task": task_name, "seed": seed, "shots": shots, "accuracy": result.accuracy,
                 "normalized_accuracy": result.accuracy / reference if reference else None,
-                "transductive": result.transductive or get_protocol(protocol).transductive, "split": "test",
+                "transductive": result.transductive or get_protocol(protocol).transductive or subject.transductive,
+                "split": "test",
                 "extras": result.extras,
             })  # fmt: skip
         ctx.store.add_rows(rows)  # one transaction per (subject, task): all or nothing
@@ -404,7 +408,9 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
                              None, ft_test_acc)  # fmt: skip
         for spec in cfg.methods:
             params = choose_params(ctx, spec, ft_val_acc, finetuned)
-            subject = Subject("merged", spec.display, params)
+            from mergelab.learned.registry import TRANSDUCTIVE
+
+            subject = Subject("merged", spec.display, params, transductive=spec.name in TRANSDUCTIVE)
             protocols = [p for p in merged_protocols
                          if p != "aligned" or cfg.aligned_methods is None or spec.display in cfg.aligned_methods]  # fmt: skip
             if _subject_done(ctx, subject, protocols):
