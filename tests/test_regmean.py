@@ -79,3 +79,31 @@ def test_regmean_merges_tiny_hf_classifiers(tmp_path):
     single = regmean(str(base), [str(experts[0])], texts[:1], num_examples=16, batch_size=8)
     first = load_encoder(experts[0], experts[0]).model.state_dict()
     torch.testing.assert_close(single[query], first[query], atol=1e-4, rtol=1e-4)  # RegMean of one model = it
+
+
+def test_regmean_from_the_cli(tmp_path):
+    import pandas as pd
+    from transformers import AutoModel, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    cls = tiny_classifier("bert", tmp_path / "cls", seed=0)
+    base = tmp_path / "base"
+    AutoModel.from_pretrained(cls).save_pretrained(base)
+    AutoTokenizer.from_pretrained(cls).save_pretrained(base)
+    args = ["merge", "--method", "regmean", "--base", str(base), "--out", str(tmp_path / "out"),
+            "--param", "num_examples=8"]  # fmt: skip
+    for i in range(2):
+        expert = tiny_classifier("bert", tmp_path / f"e{i}", seed=i + 1)
+        task = make_task(f"t{i}", seed=i)
+        folder = tmp_path / f"d{i}"
+        folder.mkdir()
+        for split, part in task.splits.items():
+            pd.DataFrame({"text": part.texts, "label": part.labels}).to_csv(folder / f"{split}.csv", index=False)
+        args += ["--model", str(expert), "--data", str(folder)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load_encoder(tmp_path / "out", base).encode_texts(["alpha beta"]).shape == (1, 32)
+    missing = CliRunner().invoke(app, args[:-2] + ["--force"])  # one --data short
+    assert missing.exit_code != 0 and "one --data PATH per --model" in missing.output

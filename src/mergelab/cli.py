@@ -78,10 +78,16 @@ def merge_command(
     max_shard_size: str = typer.Option(None, "--max-shard-size", help="e.g. 2GB, 500MB"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="merge even if inputs hold NaN/Inf"),
+    data: list[str] = typer.Option(None, "--data", help="data-dependent methods: one task data PATH per --model"),
 ) -> None:
     """Merge fine-tuned checkpoints of one base model into one checkpoint."""
     from mergelab.config import MergeConfig, load_yaml_config, parse_param, validate_config
+    from mergelab.learned.registry import data_method_names
     from mergelab.merging.api import merge
+
+    if method in data_method_names():
+        _merge_with_data(method, base, model or [], data or [], dict(parse_param(p) for p in (param or [])), out, force)
+        return
 
     if config is not None:
         cfg = load_yaml_config(config, MergeConfig)
@@ -108,6 +114,27 @@ def merge_command(
             progress=report, **cfg.params,
         )  # fmt: skip
     typer.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} -> {result}")
+
+
+def _merge_with_data(method: str, base: str | None, models: list[str], data: list[str], params: dict[str, Any],
+                     out: str | None, force: bool) -> None:  # fmt: skip
+    """RegMean / Fisher / AdaMerging from the CLI: each model's own task data (train texts; test texts for
+    AdaMerging, which is transductive)."""
+    from mergelab.data.tasks import load_task
+    from mergelab.errors import ConfigError
+    from mergelab.io.writer import check_target, save_state_dict
+    from mergelab.learned.registry import run_data_method
+
+    if not base or not out:
+        raise ConfigError(f"method '{method}' needs --base and --out")
+    if len(data) != len(models):
+        raise ConfigError(f"method '{method}' needs one --data PATH per --model ({len(models)} models, {len(data)} data)")
+    check_target(Path(out), force)
+    tasks = [load_task(f"task{i}", item.split("=", 1)[-1]) for i, item in enumerate(data)]
+    state = run_data_method(method, params, base, models, [t.splits["train"].texts for t in tasks],
+                            test_texts=[t.splits["test"].texts for t in tasks])  # fmt: skip
+    save_state_dict(state, Path(out), config_source=Path(base), force=force)
+    typer.echo(f"merged {len(models)} model(s) with {method} -> {out}")
 
 
 @app.command("methods")
