@@ -51,8 +51,8 @@ def setup(tmp_path_factory) -> dict:
                     {"name": "regmean", "params": {"num_examples": 8}},
                     {"name": "fisher", "params": {"num_examples": 4, "label_mode": "sampled"}},
                     {"name": "adamerging", "params": {"steps": 2, "num_examples": 8, "batch_size": 4}}],
-        "protocols": ["current", "knn", "aligned", "ft_classifier", "ensemble"],
-        "protocol_options": {"ft_classifier": {"epochs": 2}, "aligned": {"steps": 30}},
+        "protocols": ["current", "knn", "aligned", "ft_classifier", "ensemble", "surgery"],
+        "protocol_options": {"ft_classifier": {"epochs": 2}, "aligned": {"steps": 30}, "surgery": {"steps": 20}},
         "transforms": ["procrustes", "orthogonal"],
         "shots": [1, 2],
         "seeds": 2,
@@ -89,7 +89,8 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     ta = agg[("merged", "task_arithmetic", "knn", 2)]
     line = next(x for x in text.splitlines() if x.startswith("| task_arithmetic + KNN (2-shot)"))
     assert ta["t0"].text() in line and ta["Avg"].text() in line
-    assert (run / "report.html").read_text().count("data:image/png;base64") >= 2
+    assert (run / "report.html").read_text().count("data:image/png;base64") >= 3
+    assert (run / "fig7_surgery.png").exists()  # FT-Classifier vs Surgery (the paper's Figure 7)
     again = build_report(run)  # rebuilding from the store gives the same Markdown
     assert again["markdown"].read_text() == text
 

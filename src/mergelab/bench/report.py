@@ -213,6 +213,32 @@ def figure_shots(rows: list[dict[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
+def figure_surgery(rows: list[dict[str, Any]]) -> bytes | None:
+    """Figure 7: FT-Classifier (k unlabelled samples per class) beside Representation Surgery, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(rows)
+    methods = [m for m in method_order(rows) if ("merged", m, "surgery", 0) in agg]
+    if not methods:
+        return None
+    shots = sorted({k[3] for k in agg if k[2] == "ft_classifier"})
+    bars = [("current", 0, "Current"), *[("ft_classifier", k, f"FT-Classifier {k}-shot") for k in shots],
+            ("surgery", 0, "Surgery †")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(methods) * len(bars) / 3), 4))
+    width = 0.8 / len(bars)
+    for j, (protocol, k, label) in enumerate(bars):
+        values = [100 * agg.get(("merged", m, protocol, k), {}).get("Avg", Cell(math.nan, 0, 0)).mean for m in methods]
+        ax.bar([i + j * width for i in range(len(methods))], values, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods)
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title("FT-Classifier vs Representation Surgery († transductive)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
 def figure_tsne(run_dir: Path) -> bytes | None:
     """Figure 1: t-SNE of fine-tuned vs merged test features, coloured by label (saved by the runner)."""
     path = run_dir / "tsne.json"
@@ -256,7 +282,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     header = ["", *tasks, "Avg"]
     md_lines = [[label + (" †" if transductive else ""), *cells] for label, cells, transductive in table]
     figures = {"fig4_aligned.png": figure_aligned(rows), "fig5_shots.png": figure_shots(rows),
-               "fig1_tsne.png": figure_tsne(run_dir)}  # fmt: skip
+               "fig1_tsne.png": figure_tsne(run_dir), "fig7_surgery.png": figure_surgery(rows)}  # fmt: skip
     for name, data in figures.items():
         if data:
             (run_dir / name).write_bytes(data)
