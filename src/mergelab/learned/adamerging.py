@@ -1,89 +1,229 @@
-"""AdaMerging (Yang et al., ICLR 2024): learn task-wise or layer-wise merging coefficients by minimising the entropy
-of each task's head on unlabelled **test** inputs (transductive).
+"""AdaMerging (Yang et al., ICLR 2024; algorithms.md §7): learn merging coefficients by minimising the prediction
+entropy of each task's head on unlabelled **test** inputs of that task. Transductive: it learns from the very inputs
+that are scored afterwards.
 
-θ(λ) = θ₀ + Σ_t λ_t^ℓ τ_t^ℓ, one coefficient per (task, parameter tensor) for ``granularity="layer"`` or per task for
-``"task"``; init 0.3, Adam(lr 1e-3), λ clamped to [0, 1] in the forward pass as the original (``clamp=False`` as
-FusionBench). ``plus=True`` is AdaMerging++: the task vectors are TIES-trimmed per tensor (keep 20%) and only the
-entries agreeing with the elected sign are kept. The encoder runs through ``torch.func.functional_call`` with the
-merged parameters, so gradients reach λ. Defaults are CPU-sized (the original uses 500 steps, batch 16).
+θ(λ) = θ₀ + Σ_t λ_t^ℓ τ_t^ℓ with one coefficient per (task, parameter tensor) for ``granularity="layer"`` or one per
+task for ``"task"``; θ₀'s coefficient is fixed at 1. Init 0.3, Adam(lr 1e-3, betas (0.9, 0.999)), λ clamped to [0, 1]
+in the forward pass as the original (``clamp=False`` as FusionBench). Loss per step: Σ_t mean-entropy of
+softmax(h_t(f(x; θ(λ)))) on one shuffled batch of 16 test inputs per task (FusionBench; the original takes two), with
+ε = 1e-8 inside the log. The encoder runs through ``torch.func.functional_call`` with the merged parameters, so the
+gradient reaches λ; the experts, the base and the heads are never modified. ``plus=True`` is AdaMerging++: the τ_t
+are replaced by the TIES-trimmed (keep 20% globally), sign-elected entries (``ties_selected_vectors``).
+
+CPU-sized default: 100 steps (the original runs 500, FusionBench 1000); with lr 1e-3 a coefficient moves by at most
+about lr per step, so raise ``steps`` (or ``lr``) when a GPU is available.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from mergelab.merging.ops import elect_signs, kth_smallest_magnitude_flat, trim_rank
+from mergelab.errors import DataError
+from mergelab.learned.base import (
+    DataMergeMethod,
+    ExpertSet,
+    State,
+    assemble,
+    check_layouts,
+    sample_indices,
+    task_vectors,
+    ties_selected_vectors,
+)
+from mergelab.merging.base import MethodParams
 
-
-def ties_selected(taus: Sequence[torch.Tensor], density: float = 0.2) -> list[torch.Tensor]:
-    """AdaMerging++'s task vectors: per tensor, keep each τ_t's top ``density`` magnitudes that agree in sign."""
-    k = trim_rank(taus[0].numel(), density)
-    trimmed = []
-    for tau in taus:
-        threshold = kth_smallest_magnitude_flat(tau.float(), k) if k >= 1 else torch.tensor(0.0)
-        trimmed.append(torch.where(tau.abs() >= threshold, tau, torch.zeros(())))
-    signs = elect_signs(torch.stack(trimmed))
-    return [torch.where(torch.sign(t) == signs, t, torch.zeros(())) for t in trimmed]
+Granularity = Literal["layer", "task"]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy of softmax(logits) over the batch (ε 1e-8 inside the log, as FusionBench)."""
-    probs = logits.softmax(-1)
+    probs = logits.float().softmax(-1)
     return -(probs * (probs + 1e-8).log()).sum(-1).mean()
 
 
-def merged_parameters(base: Mapping[str, torch.Tensor], taus: Sequence[Mapping[str, torch.Tensor]],
-                      coefficients: torch.Tensor, names: Sequence[str], clamp: bool) -> dict[str, torch.Tensor]:  # fmt: skip
-    """θ₀ + Σ_t λ[t, ℓ] τ_t for every parameter ℓ in ``names`` (λ [T, L] or [T, 1]), differentiable in λ."""
+def ties_selected(taus: Sequence[torch.Tensor], density: float = 0.2) -> list[torch.Tensor]:
+    """AdaMerging++'s vectors for one tensor per task (see ``ties_selected_vectors`` for whole models)."""
+    selected = ties_selected_vectors([{"": t} for t in taus], density)
+    return [s[""] for s in selected]
+
+
+def merged_parameters(
+    base: Mapping[str, torch.Tensor],
+    taus: Sequence[Mapping[str, torch.Tensor]],
+    coefficients: torch.Tensor,
+    names: Sequence[str],
+    clamp: bool,
+) -> State:
+    """θ₀ + Σ_t λ[t, ℓ] τ_t for every name ℓ (λ is [T, L] or [T, 1]), differentiable in λ."""
     lam = coefficients.clamp(0.0, 1.0) if clamp else coefficients
     out = {}
     for index, name in enumerate(names):
         column = lam[:, index if lam.shape[1] > 1 else 0]
-        out[name] = base[name] + sum(column[t] * taus[t][name] for t in range(len(taus)))
+        out[name] = base[name] + sum(column[t] * tau[name] for t, tau in enumerate(taus))
     return out
 
 
-def adamerging(model: nn.Module, features_of: Callable[[Any], torch.Tensor], base: Mapping[str, torch.Tensor],
-               experts: Sequence[Mapping[str, torch.Tensor]], heads: Sequence[nn.Module],
-               batches: Sequence[Sequence[Mapping[str, torch.Tensor]]], granularity: str = "layer", steps: int = 50,
-               lr: float = 1e-3, init: float = 0.3, clamp: bool = True, plus: bool = False,
-               seed: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:  # fmt: skip
-    """Learn λ on each task's unlabelled batches; return the merged state dict and the loss per step.
+def pooled(output: Any, pooling: str) -> torch.Tensor:
+    """The feature an HF base model's output feeds to the head (as ``TextEncoder.forward``)."""
+    return output.pooler_output if pooling == "pooler" else output.last_hidden_state[:, 0]
 
-    ``model`` is the base architecture (its state-dict names match ``base``); ``features_of(model_output)`` turns its
-    output into the features the heads take. ``batches[t]`` are task t's (test) input batches, cycled over steps.
-    """
-    torch.manual_seed(seed)
-    names = [n for n, p in model.named_parameters() if n in base and base[n].is_floating_point()]
-    taus = [{n: (e[n].float() - base[n].float()) for n in names} for e in experts]
-    if plus:
-        selected = {n: ties_selected([t[n] for t in taus]) for n in names}
-        taus = [{n: selected[n][t] for n in names} for t in range(len(experts))]
-    base_f = {n: base[n].float() for n in names}
-    columns = len(names) if granularity == "layer" else 1
-    coefficients = torch.full((len(experts), columns), init, requires_grad=True)
-    optimizer = torch.optim.Adam([coefficients], lr=lr)
-    for head in heads:
-        head.eval().requires_grad_(False)
+
+def learn_coefficients(
+    model: nn.Module,
+    features_of: Callable[[Any], torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    taus: Sequence[Mapping[str, torch.Tensor]],
+    heads: Sequence[nn.Module],
+    batches: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+    granularity: Granularity = "layer",
+    steps: int = 100,
+    lr: float = 1e-3,
+    init: float = 0.3,
+    clamp: bool = True,
+) -> tuple[torch.Tensor, list[float]]:
+    """Adam on λ [T, L or 1] minimising Σ_t entropy(h_t(f(batch_t; θ(λ)))); ``batches[t][step % len]`` is task t's
+    batch at a step. Returns the final (unclamped) λ and the loss before each step."""
+    names = list(taus[0])
+    coefficients = torch.full((len(taus), len(names) if granularity == "layer" else 1), float(init), requires_grad=True)
+    optimizer = torch.optim.Adam([coefficients], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     model.eval()
+    for head in heads:
+        head.eval()
     losses = []
     for step in range(steps):
-        params = merged_parameters(base_f, taus, coefficients, names, clamp)
+        params = merged_parameters(base, taus, coefficients, names, clamp)
         loss = torch.zeros(())
         for head, task_batches in zip(heads, batches, strict=True):
             batch = task_batches[step % len(task_batches)]
             loss = loss + entropy(head(features_of(functional_call(model, params, args=(), kwargs=dict(batch)))))
-        optimizer.zero_grad()
-        loss.backward()
+        (coefficients.grad,) = torch.autograd.grad(loss, [coefficients])  # no side effects on model or heads
         optimizer.step()
         losses.append(float(loss.detach()))
+    return coefficients.detach(), losses
+
+
+def adamerging(
+    model: nn.Module,
+    features_of: Callable[[Any], torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    heads: Sequence[nn.Module],
+    batches: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+    granularity: Granularity = "layer",
+    steps: int = 100,
+    lr: float = 1e-3,
+    init: float = 0.3,
+    clamp: bool = True,
+    plus: bool = False,
+    density: float = 0.2,
+) -> tuple[State, list[float]]:
+    """AdaMerging of ``experts`` (state dicts of ``model``'s architecture, same names as ``base``): the merged state
+    dict (every key of ``base``) and the loss per step. ``features_of(model_output)`` gives the heads' input."""
+    names = [n for n, p in model.named_parameters() if n in base and base[n].is_floating_point()]
+    taus = task_vectors(base, experts, names)
+    if plus:
+        taus = ties_selected_vectors(taus, density)
+    base_f = {n: base[n].float() for n in names}
+    coefficients, losses = learn_coefficients(
+        model, features_of, base_f, taus, heads, batches, granularity, steps, lr, init, clamp
+    )
     with torch.no_grad():
-        final = merged_parameters(base_f, taus, coefficients, names, clamp)
-    merged = {n: t.clone() for n, t in base.items()}
-    merged.update({n: final[n].to(base[n].dtype) for n in names})
-    return merged, losses
+        merged = merged_parameters(base_f, taus, coefficients, names, clamp)
+    return assemble(base, merged), losses
+
+
+def shuffled_batches(
+    tokenizer: Any, texts: Sequence[str], batch_size: int, count: int, max_length: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` padded batches drawn from successive seeded shuffles of ``texts`` (reshuffled after each pass)."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(count):
+        if len(order) < min(batch_size, len(texts)):
+            order += torch.randperm(len(texts), generator=generator).tolist()
+        take, order = order[:batch_size], order[batch_size:]
+        out.append(dict(tokenizer.pad({k: [encoded[k][i] for i in take] for k in encoded}, return_tensors="pt")))
+    return out
+
+
+class AdaMergingParams(MethodParams):
+    granularity: Granularity = Field("layer", description="one coefficient per (task, tensor) or one per task")
+    steps: int = Field(
+        100, ge=0, le=100_000, description="Adam steps (CPU default; the original 500, FusionBench 1000)"
+    )
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="Adam learning rate on the coefficients (original 1e-3)")
+    init: float = Field(0.3, ge=-10.0, le=10.0, description="initial coefficient, the 'prior' (original 0.3)")
+    clamp: bool = Field(
+        True, description="clamp coefficients to [0, 1] in the forward pass (original; FusionBench: no)"
+    )
+    plus: bool = Field(False, description="AdaMerging++: TIES-trimmed (top 20%), sign-elected task vectors")
+    density: float = Field(0.2, gt=0.0, le=1.0, description="AdaMerging++ only: fraction of |τ| kept by TIES (K=20)")
+    batch_size: int = Field(16, ge=1, description="unlabelled test inputs per task per step (original 16)")
+    num_examples: int | None = Field(None, ge=1, description="cap on the test inputs used per task (None: all)")
+
+
+class AdaMerging(DataMergeMethod):
+    """AdaMerging / AdaMerging++ on unlabelled test inputs (module doc)."""
+
+    name = "adamerging"
+    summary = "AdaMerging: coefficients learned by entropy minimisation on unlabelled test inputs (transductive)"
+    Params = AdaMergingParams
+    params: AdaMergingParams
+    split = "test"
+    transductive = True
+
+    def merge(self, experts: ExpertSet) -> State:
+        p = self.params
+        encoder = experts.base_encoder()
+        base = encoder.model.state_dict()
+        states = experts.expert_states()
+        check_layouts(base, states, experts.tasks)
+        batches = []
+        for index, expert in enumerate(experts.experts):
+            chosen = sample_indices(len(expert.texts), p.num_examples, experts.seed + index)
+            if not chosen:
+                raise DataError(f"task '{expert.task}' has no test inputs for AdaMerging")
+            texts = [expert.texts[i] for i in chosen]
+            batches.append(
+                shuffled_batches(
+                    encoder.tokenizer, texts, p.batch_size, max(p.steps, 1), experts.max_length, experts.seed + index
+                )
+            )
+        names = [n for n, t in encoder.model.named_parameters() if t.is_floating_point()]
+        taus = task_vectors(base, states, names)
+        if p.plus:
+            taus = ties_selected_vectors(taus, p.density)
+        base_f = {n: base[n].float() for n in names}
+
+        def features_of(output: Any) -> torch.Tensor:
+            return pooled(output, encoder.pooling)
+
+        coefficients, losses = learn_coefficients(
+            encoder.model,
+            features_of,
+            base_f,
+            taus,
+            [e.model.head for e in experts.experts],
+            batches,
+            p.granularity,
+            p.steps,
+            p.lr,
+            p.init,
+            p.clamp,
+        )
+        with torch.no_grad():
+            merged = merged_parameters(base_f, taus, coefficients, names, p.clamp)
+        used = coefficients.clamp(0.0, 1.0) if p.clamp else coefficients
+        self.info = {
+            "losses": losses,
+            "coefficients": used.tolist(),
+            "tensor_names": names if used.shape[1] > 1 else [],
+        }
+        return assemble(base, merged)
