@@ -1,1 +1,1 @@
-"""Fine-tuning task experts (and the multi-task baseline) from a pretrained encoder."""
+"""Fine-tuning task experts (cached by content) and the multi-task-learning baseline (``finetune.experts``)."""

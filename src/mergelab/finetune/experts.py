@@ -1,115 +1,365 @@
 """Task experts: the pretrained encoder fine-tuned once per task with a fresh head, cached by content.
 
-AdamW with linear decay, seeded, dynamic padding; a rich progress bar shows examples/s. The checkpoint is an
-ordinary Hugging Face ``*ForSequenceClassification`` folder (saved atomically), keyed by everything that
-determines it, and reused on the next run.
+Recipe (standard HF fine-tuning): AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then
+linear decay, gradient norm clipped at 1.0, a fresh seeded shuffle per epoch, dynamic padding, dropout on. Runs are
+seeded without touching the caller's global RNG state, and use ``threads`` CPU threads only when asked (restored
+afterwards). A rich progress bar shows examples/s. An expert is an ordinary Hugging Face
+``*ForSequenceClassification`` folder (plus ``mergelab_training.json``), saved atomically: written to a temporary
+folder next to the target and renamed onto it, so a failed run leaves nothing behind.
+
+The multi-task-learning baseline trains one shared encoder on all tasks (one head per task, round-robin batches)
+and saves the encoder in base layout plus ``heads/<task>.safetensors``; :func:`load_multitask` turns it back into
+one ``TaskModel`` per task.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from mergelab.errors import CheckpointError, ConfigError, DataError
 from mergelab.io.writer import atomic_folder
 from mergelab.models.fingerprint import checkpoint_fingerprint
 from mergelab.progress import progress_bar
 
-
-def expert_cache_key(base_path: Path, task: Any, **hyper: Any) -> str:
-    """Hash of the base weights, the task's data and every hyper-parameter (and the mergelab version)."""
-    from mergelab import __version__
-
-    payload = {"base": checkpoint_fingerprint(base_path), "task": task.content_hash(), "hyper": hyper,
-               "mergelab": __version__}  # fmt: skip
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+PathLike = str | os.PathLike[str]
+TRAINING_LOG = "mergelab_training.json"
+MULTITASK_LOG = "mergelab_multitask.json"
+MAX_GRAD_NORM = 1.0
 
 
-class _Threads:
-    def __init__(self, threads: int | None) -> None:
-        self.threads, self.saved = threads, torch.get_num_threads()
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every hyper-parameter that determines an expert (with ``seed``, the base and the training data)."""
 
-    def __enter__(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+    epochs: float = 1.0
+    lr: float = 5e-5
+    max_length: int = 64
+    batch_size: int = 32
+    seed: int = 0
+    train_size: int | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
 
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.saved)
+    def __post_init__(self) -> None:
+        checks = [(self.epochs > 0, "epochs must be positive"), (self.lr > 0, "lr must be positive"),
+                  (self.max_length >= 2, "max_length must be at least 2"),
+                  (self.batch_size >= 1, "batch_size must be at least 1"),
+                  (self.train_size is None or self.train_size >= 1, "train_size must be positive or None"),
+                  (self.weight_decay >= 0, "weight_decay must be non-negative"),
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"fine-tuning: {message} (got {asdict(self)})")
+
+    @classmethod
+    def from_kwargs(cls, **hyper: Any) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(hyper) - known)
+        if unknown:
+            raise ConfigError(f"unknown fine-tuning parameter(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**hyper)
 
 
-def finetune_expert(base_path: str | os.PathLike[str], task: Any, out_dir: str | os.PathLike[str], epochs: float = 1.0,
-                    lr: float = 5e-5, max_length: int = 64, batch_size: int = 32, seed: int = 0,
-                    train_size: int | None = None, weight_decay: float = 0.01, warmup_ratio: float = 0.0,
-                    threads: int | None = None, progress: bool = True) -> Path:  # fmt: skip
-    """Fine-tune ``base_path`` on ``task``'s train split with a fresh head; save an HF checkpoint atomically."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+# ------------------------------------------------------------------------------------------------ pure helpers
 
-    with _Threads(threads):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        names = list(task.label_names)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
-        )  # fmt: skip
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
-        train = task.splits["train"]
-        indices = list(range(len(train)))
-        if train_size is not None and train_size < len(indices):
-            from mergelab.data.splits import stratified_subsample
 
-            indices = stratified_subsample(train.labels, train_size, seed).tolist()
-        encoded = tokenizer([train.texts[i] for i in indices], truncation=True, max_length=max_length)
-        labels = [train.labels[i] for i in indices]
-        steps_per_epoch = max(1, (len(indices) + batch_size - 1) // batch_size)
-        total_steps = max(1, int(round(epochs * steps_per_epoch)))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        losses = []
-        with progress_bar(progress, f"fine-tuning {task.name}", total_steps * batch_size) as advance:
-            step = 0
-            while step < total_steps:
-                order = torch.randperm(len(indices), generator=generator).tolist()
-                for start in range(0, len(order), batch_size):
-                    if step >= total_steps:
-                        break
-                    idx = order[start : start + batch_size]
-                    batch = tokenizer.pad({k: [encoded[k][i] for i in idx] for k in encoded}, return_tensors="pt")
-                    out = model(**batch, labels=torch.tensor([labels[i] for i in idx]))
-                    out.loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(float(out.loss.detach()))
-                    step += 1
-                    if advance:
-                        advance(len(idx))
-        model.eval()
-        with atomic_folder(Path(out_dir), force=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "mergelab_training.json").write_text(json.dumps(
-                {"task": task.name, "examples": len(indices), "steps": total_steps, "first_loss": losses[0],
-                 "last_loss": sum(losses[-10:]) / len(losses[-10:]), "lr": lr, "epochs": epochs, "seed": seed,
-                 "max_length": max_length, "batch_size": batch_size}, indent=2))  # fmt: skip
+def train_examples(task: Any, train_size: int | None, seed: int) -> tuple[list[str], list[int]]:
+    """The train split's texts and labels, or a seeded stratified subset of ``train_size`` of them."""
+    train = task.splits.get("train")
+    if train is None or len(train.labels) == 0:
+        raise DataError(f"task '{task.name}' has no training examples; add a train split")
+    if len(task.label_names) < 2:
+        raise DataError(f"task '{task.name}' has {len(task.label_names)} class(es); classification needs at least 2")
+    indices = list(range(len(train.labels)))
+    if train_size is not None and train_size < len(indices):
+        from mergelab.data.splits import stratified_subsample
+
+        indices = [int(i) for i in stratified_subsample(train.labels, train_size, seed)]
+    return [str(train.texts[i]) for i in indices], [int(train.labels[i]) for i in indices]
+
+
+def batch_schedule(num_examples: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Index batches for ``epochs`` passes (fractional epochs stop early): a fresh seeded shuffle per epoch, the
+    last batch of an epoch may be smaller. ``ceil(epochs × batches per epoch)`` batches, at least one."""
+    per_epoch = -(-num_examples // batch_size)
+    total = max(1, math.ceil(epochs * per_epoch - 1e-9))
+    generator = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    while len(out) < total:
+        order = torch.randperm(num_examples, generator=generator).tolist()
+        out += [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+    return out[:total]
+
+
+def round_robin(schedules: Sequence[Sequence[list[int]]]) -> list[tuple[int, list[int]]]:
+    """Interleave per-task batch lists: task 0 batch 0, task 1 batch 0, ..., task 0 batch 1, ... (exhausted tasks
+    drop out)."""
+    out = []
+    for step in range(max((len(s) for s in schedules), default=0)):
+        out += [(t, list(s[step])) for t, s in enumerate(schedules) if step < len(s)]
+    return out
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on weights, none on biases and normalisation weights (as HF Trainer)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = name.endswith("bias") or "layernorm" in name.lower() or "layer_norm" in name.lower()
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def safe_name(name: str) -> str:
+    """A task name usable as a file or folder name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "task"
+
+
+def train_split_hash(task: Any) -> str:
+    """sha256 over the label names and the train split (all an expert sees of its task)."""
+    train = task.splits["train"]
+    digest = hashlib.sha256(json.dumps([str(n) for n in task.label_names]).encode())
+    for text, label in zip(train.texts, train.labels, strict=True):
+        digest.update(f"{int(label)}\t{len(text)}\t".encode())
+        digest.update(str(text).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+@contextmanager
+def seeded_threads(seed: int, threads: int | None) -> Iterator[None]:
+    """Seed torch inside a forked RNG (the caller's RNG state is untouched) and use ``threads`` threads if given."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _base_config(base_path: PathLike) -> Any:
+    from transformers import AutoConfig
+
+    from mergelab.models.hf import architecture
+
+    folder = Path(base_path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"base model {folder} is not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    architecture(config.model_type)  # fail before training on a family mergelab cannot evaluate
+    return config
+
+
+def _fresh_classifier(base_path: PathLike, label_names: Sequence[str]) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    names = [str(n) for n in label_names]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base_path), local_files_only=True, id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
+    ).float()  # fmt: skip
+    if model.config.num_labels != len(names):  # id2label sets num_labels; a head of another size would be wrong
+        raise CheckpointError(f"{base_path}: the new head has {model.config.num_labels} outputs, not {len(names)}")
+    return model
+
+
+def _run_steps(model: nn.Module, steps: Sequence[tuple[int, list[int]]],
+               loss_of: Callable[[int, list[int]], torch.Tensor], cfg: FinetuneConfig, description: str,
+               progress: bool) -> dict[str, Any]:  # fmt: skip
+    """AdamW + linear schedule over ``steps`` ((task, batch indices) pairs); returns the per-step losses and speed."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * len(steps)), len(steps))
+    model.train()
+    losses: list[float] = []
+    examples = sum(len(idx) for _, idx in steps)
+    started = time.perf_counter()
+    with progress_bar(progress, description, examples) as advance:
+        for task_index, idx in steps:
+            loss = loss_of(task_index, idx)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"{description}: the loss became {float(loss)} at step {len(losses)}; lower lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if advance is not None:
+                advance(len(idx))
+    model.eval()
+    seconds = time.perf_counter() - started
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"steps": len(steps), "examples_seen": examples, "seconds": round(seconds, 3),
+            "examples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
+            "first_loss": losses[0], "last_loss": sum(tail) / len(tail), "losses": losses}  # fmt: skip
+
+
+def _batch_loss(model: nn.Module, tokenizer: Any, encoded: Mapping[str, list[Any]], labels: Sequence[int],
+                idx: list[int]) -> torch.Tensor:  # fmt: skip
+    batch = tokenizer.pad({k: [encoded[k][i] for i in idx] for k in encoded}, return_tensors="pt")
+    return model(**batch, labels=torch.tensor([labels[i] for i in idx], dtype=torch.long)).loss
+
+
+def finetune_expert(base_path: PathLike, task: Any, out_dir: PathLike, epochs: float = 1.0, lr: float = 5e-5,
+                    max_length: int = 64, batch_size: int = 32, seed: int = 0, train_size: int | None = None,
+                    weight_decay: float = 0.01, warmup_ratio: float = 0.0, threads: int | None = None,
+                    progress: bool = True) -> Path:  # fmt: skip
+    """Fine-tune the pretrained ``base_path`` with a fresh head on ``task``'s train split; save to ``out_dir``.
+
+    ``out_dir`` becomes a Hugging Face classifier folder (weights, config with the task's id2label, tokenizer,
+    ``mergelab_training.json`` with the per-step losses and examples/s), replacing an existing one atomically.
+    """
+    from mergelab.models.hf import load_tokenizer, max_positions
+
+    cfg = FinetuneConfig(epochs, lr, max_length, batch_size, seed, train_size, weight_decay, warmup_ratio)
+    config = _base_config(base_path)
+    texts, labels = train_examples(task, cfg.train_size, cfg.seed)
+    tokenizer = load_tokenizer(base_path)
+    encoded = tokenizer(texts, truncation=True, max_length=min(cfg.max_length, max_positions(config)))
+    with seeded_threads(cfg.seed, threads):
+        model = _fresh_classifier(base_path, task.label_names)
+        steps = [(0, idx) for idx in batch_schedule(len(texts), cfg.batch_size, cfg.epochs, cfg.seed)]
+        log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, tokenizer, encoded, labels, idx), cfg,
+                         f"fine-tuning {task.name}", progress)  # fmt: skip
+        used_threads = torch.get_num_threads()
+    record = {"task": task.name, "examples": len(texts), "config": asdict(cfg), "threads": used_threads, **log}
+    with atomic_folder(Path(out_dir), force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_LOG).write_text(json.dumps(record, indent=1))
     return Path(out_dir)
 
 
-def get_or_train_expert(cache_dir: str | os.PathLike[str], base_path: str | os.PathLike[str], task: Any,
-                        **hyper: Any) -> Path:  # fmt: skip
-    """The cached expert for (base, task, hyper-parameters), training it first if it is not there."""
-    threads = hyper.pop("threads", None)
-    progress = hyper.pop("progress", True)
-    key = expert_cache_key(Path(base_path), task, **hyper)
-    target = Path(cache_dir) / f"{task.name}-{key}"
-    if (target / "config.json").exists():
+def expert_cache_key(base_path: PathLike, task: Any, **hyper: Any) -> str:
+    """Hash of all that determines an expert: base weights, the task's train split and label names, every
+    hyper-parameter (defaults filled in) including the seed, and the mergelab version."""
+    from mergelab import __version__
+
+    payload = {"kind": "expert", "base": checkpoint_fingerprint(base_path), "train": train_split_hash(task),
+               "config": asdict(FinetuneConfig.from_kwargs(**hyper)), "mergelab": __version__}  # fmt: skip
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def get_or_train_expert(cache_dir: PathLike, base_path: PathLike, task: Any, threads: int | None = None,
+                        progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
+    """The cached expert ``cache_dir/<task>-<key>`` for (base, task, hyper-parameters); trained first if absent."""
+    key = expert_cache_key(base_path, task, **hyper)
+    target = Path(cache_dir) / f"{safe_name(task.name)}-{key}"
+    if _complete(target):
         return target
-    return finetune_expert(base_path, task, target, threads=threads, progress=progress, **hyper)
+    return finetune_expert(base_path, task, target, threads=threads, progress=progress,
+                           **asdict(FinetuneConfig.from_kwargs(**hyper)))  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------- multi-task
+
+
+def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathLike, epochs: float = 1.0,
+                       lr: float = 5e-5, max_length: int = 64, batch_size: int = 32, seed: int = 0,
+                       train_size: int | None = None, weight_decay: float = 0.01, warmup_ratio: float = 0.0,
+                       threads: int | None = None, progress: bool = True) -> Path:  # fmt: skip
+    """Multi-task-learning baseline: one encoder fine-tuned on every task at once, one fresh head per task.
+
+    Batches alternate round-robin over the tasks (``epochs`` passes over each task's train split; a smaller task
+    runs out first). ``train_size`` caps each task. Saves the shared encoder in base layout (config, weights,
+    tokenizer), ``heads/<task>.safetensors`` and ``mergelab_multitask.json``; load with :func:`load_multitask`.
+    """
+    from mergelab.models.hf import classifier_head_state, load_tokenizer, max_positions
+
+    if not tasks:
+        raise DataError("finetune_multitask needs at least one task")
+    names = [t.name for t in tasks]
+    files = [safe_name(n) for n in names]
+    if len(set(files)) != len(files):
+        raise DataError(f"task names must be distinct (as file names): {names}")
+    cfg = FinetuneConfig(epochs, lr, max_length, batch_size, seed, train_size, weight_decay, warmup_ratio)
+    config = _base_config(base_path)
+    tokenizer = load_tokenizer(base_path)
+    data = [train_examples(t, cfg.train_size, cfg.seed) for t in tasks]
+    encoded = [tokenizer(texts, truncation=True, max_length=min(cfg.max_length, max_positions(config)))
+               for texts, _ in data]  # fmt: skip
+    with seeded_threads(cfg.seed, threads):
+        models = nn.ModuleList()
+        for task in tasks:
+            model = _fresh_classifier(base_path, task.label_names)
+            if models:  # share the first model's encoder; the copy this one loaded is dropped
+                setattr(model, model.base_model_prefix, getattr(models[0], model.base_model_prefix))
+            models.append(model)
+        schedules = [batch_schedule(len(texts), cfg.batch_size, cfg.epochs, cfg.seed + t)
+                     for t, (texts, _) in enumerate(data)]  # fmt: skip
+
+        def loss_of(t: int, idx: list[int]) -> torch.Tensor:
+            return _batch_loss(models[t], tokenizer, encoded[t], data[t][1], idx)
+
+        steps = round_robin(schedules)
+        log = _run_steps(models, steps, loss_of, cfg, "multi-task fine-tuning", progress)
+        used_threads = torch.get_num_threads()
+    log["task_losses"] = {n: [loss for (t, _), loss in zip(steps, log["losses"], strict=True) if t == i]
+                          for i, n in enumerate(names)}  # fmt: skip
+    shared = getattr(models[0], models[0].base_model_prefix)
+    record = {"tasks": {n: {"file": f"heads/{f}.safetensors", "label_names": [str(x) for x in t.label_names],
+                            "examples": len(d[0])} for n, f, t, d in zip(names, files, tasks, data, strict=True)},
+              "model_type": config.model_type, "config": asdict(cfg), "threads": used_threads, **log}  # fmt: skip
+    from safetensors.torch import save_file
+
+    with atomic_folder(Path(out_dir), force=True) as tmp:
+        shared.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "heads").mkdir()
+        for name, file, model, task in zip(names, files, models, tasks, strict=True):
+            save_file(classifier_head_state(model), str(tmp / "heads" / f"{file}.safetensors"),
+                      metadata={"task": name, "label_names": json.dumps([str(x) for x in task.label_names])})
+        (tmp / MULTITASK_LOG).write_text(json.dumps(record, indent=1))
+    return Path(out_dir)
+
+
+def load_multitask(path: PathLike, label_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """``{task: TaskModel}`` of a :func:`finetune_multitask` folder; every task model shares one encoder.
+
+    ``label_names`` (task → the dataset's classes) are checked against each head like ``load_task_model`` does.
+    """
+    from safetensors.torch import load_file
+
+    from mergelab.models.hf import head_from_state, load_encoder
+    from mergelab.models.task_model import TaskModel, check_label_names
+
+    folder = Path(path)
+    if not (folder / MULTITASK_LOG).is_file():
+        raise CheckpointError(f"{folder} is not a multi-task checkpoint (no {MULTITASK_LOG}); see finetune_multitask")
+    record = json.loads((folder / MULTITASK_LOG).read_text())
+    encoder = load_encoder(folder)
+    out = {}
+    for name, entry in record["tasks"].items():
+        names = entry["label_names"]
+        if label_names is not None and name in label_names:
+            check_label_names(names, list(label_names[name]), f"multi-task head '{name}' in {folder}")
+        head = head_from_state(encoder.model.config, load_file(str(folder / entry["file"])), names)
+        out[name] = TaskModel(encoder, head, list(names))
+    return out

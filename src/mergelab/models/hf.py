@@ -1,55 +1,93 @@
 """Hugging Face sequence classifiers split into encoder + head exactly where the model's own forward splits.
 
-| model_type | feature fed to the head | head |
+| model_type | feature fed to the head | head (eval mode: dropout is the identity) |
 |---|---|---|
 | bert (incl. MiniLM) | ``pooler_output`` (the pooler is encoder weights, merged) | ``classifier`` (Linear) |
-| roberta, xlm-roberta | ``last_hidden_state[:, 0]`` | ``RobertaClassificationHead`` (dense, tanh, out_proj) |
+| roberta, xlm-roberta | ``last_hidden_state[:, 0]`` | ``classifier``: dense → tanh → out_proj |
 | distilbert | ``last_hidden_state[:, 0]`` | ``pre_classifier`` → ReLU → ``classifier`` |
 
-Dropout is inactive: every module is used in eval mode, so features → head reproduces the model's own logits.
+Heads are plain ``[B, d] → [B, C]`` modules without dropout, so ``head(encoder(x))`` equals the fine-tuned model's
+own logits in eval mode, and a head that a protocol re-trains behaves the same in train and eval mode.
+Weights are used in float32 whatever dtype they were saved in.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
-from mergelab.errors import CheckpointError, DataError
+from mergelab.errors import CheckpointError, ConfigError, DataError
 from mergelab.models.task_model import TaskModel, check_label_names
 
-POOLING = {"bert": "pooler", "roberta": "cls", "xlm-roberta": "cls", "distilbert": "cls"}
+PathLike = str | os.PathLike[str]
 
 
-def _pooling(model_type: str) -> str:
-    if model_type not in POOLING:
+def _bert_head(model: nn.Module) -> nn.Module:
+    return model.classifier
+
+
+def _roberta_head(model: nn.Module) -> nn.Module:
+    head = model.classifier  # RobertaClassificationHead: dropout, dense, tanh, dropout, out_proj on x[:, 0]
+    return nn.Sequential(head.dense, nn.Tanh(), head.out_proj)
+
+
+def _distilbert_head(model: nn.Module) -> nn.Module:
+    return nn.Sequential(model.pre_classifier, nn.ReLU(), model.classifier)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one model family splits: the feature (``pooler`` or ``cls``) and the head built from the classifier."""
+
+    pooling: str
+    head: Callable[[nn.Module], nn.Module]
+    head_modules: tuple[str, ...]  # the classifier's attributes holding the head weights
+    base_kwargs: Mapping[str, Any] = field(default_factory=dict)  # for the base model (AutoModel)
+    position_offset: bool = False  # position ids start after the padding index (RoBERTa)
+
+
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
+    "bert": Architecture("pooler", _bert_head, ("classifier",), {"add_pooling_layer": True}),
+    "roberta": Architecture("cls", _roberta_head, ("classifier",), {"add_pooling_layer": False}, True),
+    "xlm-roberta": Architecture("cls", _roberta_head, ("classifier",), {"add_pooling_layer": False}, True),
+    "distilbert": Architecture("cls", _distilbert_head, ("pre_classifier", "classifier")),
+})  # fmt: skip
+
+
+def architecture(model_type: str) -> Architecture:
+    """The encoder/head split of ``model_type``; CheckpointError for families not in the table."""
+    if model_type not in ARCHITECTURES:
         raise CheckpointError(
-            f"model type '{model_type}' is not supported yet (supported: {', '.join(POOLING)}); wrap your model "
-            "with TaskModel.from_modules(encoder, head, label_names)"
+            f"model type '{model_type}' is not supported (supported: {', '.join(ARCHITECTURES)}); wrap the model "
+            "yourself with TaskModel.from_modules(encoder, head, label_names)"
         )
-    return POOLING[model_type]
+    return ARCHITECTURES[model_type]
 
 
-class _RobertaHead(nn.Module):
-    """RoBERTa's classification head takes the sequence; we feed it the <s> feature as a length-1 sequence."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.unsqueeze(1))
+def max_positions(config: Any) -> int:
+    """The longest token sequence the model's position embeddings accept."""
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    if architecture(config.model_type).position_offset:
+        limit -= int(config.pad_token_id or 0) + 1
+    return limit
 
 
 class TextEncoder(nn.Module):
-    """A base model (``AutoModel``) + tokenizer, returning the feature the task head consumes."""
+    """A base model (``AutoModel``) and its tokenizer, returning the feature [B, d] the task head consumes."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, pooling: str) -> None:
         super().__init__()
+        if pooling not in ("pooler", "cls"):
+            raise ConfigError(f"pooling must be 'pooler' or 'cls', got '{pooling}'")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -58,102 +96,228 @@ class TextEncoder(nn.Module):
         out = self.model(**batch)
         if self.pooling == "pooler":
             if getattr(out, "pooler_output", None) is None:
-                raise CheckpointError("this encoder has no pooler but its head needs pooler_output")
+                raise CheckpointError("this encoder has no pooler but its head reads pooler_output")
             return out.pooler_output
         return out.last_hidden_state[:, 0]
 
-    @torch.no_grad()  # not inference_mode: protocols train on these features afterwards
+    def max_length(self, requested: int) -> int:
+        """``requested`` capped by what the position embeddings accept."""
+        if requested < 2:
+            raise ConfigError(f"max_length must be at least 2 (room for the special tokens), got {requested}")
+        return min(int(requested), max_positions(self.model.config))
+
+    @torch.no_grad()  # not inference_mode: protocols train heads on these features afterwards
     def encode_texts(self, texts: list[str], max_length: int = 128, batch_size: int = 64,
-                     progress: Any = None) -> torch.Tensor:  # fmt: skip
-        """Features of ``texts`` in order; batches are formed by length to pad little, results unsorted back."""
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:  # fmt: skip
+        """float32 features [N, d] of ``texts`` in order, in eval mode without gradients.
+
+        Texts are tokenised once (truncated to ``max_length``), batched by length so little padding is computed,
+        padded per batch, and put back in the original order. ``progress(n)`` is called after each batch.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         self.eval()
-        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        texts = [str(t) for t in texts]
+        if not texts:
+            return torch.empty(0, int(self.model.config.hidden_size))
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length(max_length))
+        order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+        device = next(self.model.parameters()).device
         out: torch.Tensor | None = None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = self.tokenizer.pad({k: [encoded[k][i] for i in idx] for k in encoded}, return_tensors="pt")
-            features = self(**batch).float()
+            features = self(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
             if out is None:
                 out = torch.empty(len(texts), features.shape[1])
             out[torch.tensor(idx)] = features
             if progress is not None:
                 progress(len(idx))
-        return out if out is not None else torch.empty(0, 0)
+        assert out is not None
+        return out
 
 
-def _head_of(model: nn.Module, model_type: str) -> nn.Module:
-    if model_type == "bert":
-        return model.classifier
-    if model_type in ("roberta", "xlm-roberta"):
-        return _RobertaHead(model.classifier)
-    if model_type == "distilbert":
-        return nn.Sequential(model.pre_classifier, nn.ReLU(), model.classifier)
-    _pooling(model_type)
-    raise AssertionError("unreachable")
+def _require_folder(path: PathLike, what: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{what} {folder} is not a Hugging Face model folder (no config.json)")
+    return folder
 
 
-def load_task_model(path: str | os.PathLike[str], label_names: list[str] | None = None) -> TaskModel:
-    """A fine-tuned ``AutoModelForSequenceClassification`` folder as encoder + head (+ label check)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_tokenizer(source: PathLike) -> Any:
+    """The tokenizer saved in a model folder (never downloaded)."""
+    from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    model_type = model.config.model_type
-    pooling = _pooling(model_type)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = getattr(model, model.base_model_prefix)
-    id2label = model.config.id2label
-    head_names = [str(id2label[i]) for i in range(len(id2label))]
-    if label_names is not None:
-        check_label_names(head_names, list(label_names), f"fine-tuned model {path}")
-    return TaskModel(TextEncoder(base, tokenizer, pooling), _head_of(model, model_type).eval(),
-                     list(label_names) if label_names is not None else head_names)  # fmt: skip
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot load a tokenizer from {source} ({exc}); save it next to the weights with "
+            "tokenizer.save_pretrained(folder)"
+        ) from exc
 
 
-def load_encoder(source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-                 config_source: str | os.PathLike[str]) -> TextEncoder:  # fmt: skip
-    """The base encoder from a folder (any layout) or an in-memory state dict in base layout (prefix optional).
+def head_label_names(config: Any) -> list[str]:
+    """The class names of a classifier config, in class-index order."""
+    id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+    if sorted(id2label) != list(range(len(id2label))):
+        raise CheckpointError(f"id2label of the config has class ids {sorted(id2label)}, expected 0..C-1")
+    return [id2label[i] for i in range(len(id2label))]
 
-    ``config_source`` is a folder with the config and tokenizer (e.g. the base model or a fine-tuned model).
+
+def load_task_model(path: PathLike, label_names: list[str] | None = None) -> TaskModel:
+    """A fine-tuned ``AutoModelForSequenceClassification`` folder as encoder + head.
+
+    ``label_names`` (the dataset's classes) must agree with the head's ``id2label`` (DataError otherwise).
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from mergelab.io.alignment import find_key_mapping
+    folder = _require_folder(path, "fine-tuned model")
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    arch = architecture(config.model_type)
+    head_names = head_label_names(config)
+    if label_names is not None:
+        check_label_names(head_names, list(label_names), f"fine-tuned model {folder}")
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        str(folder), local_files_only=True, output_loading_info=True
+    )
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing:
+        raise CheckpointError(
+            f"{folder} is not a complete fine-tuned classifier: {len(missing)} tensors were missing and would be "
+            f"random ({sorted(missing)[:5]}); pass the fine-tuned checkpoint, not the pretrained base"
+        )
+    model = model.float().eval()
+    encoder = TextEncoder(getattr(model, model.base_model_prefix), load_tokenizer(folder), arch.pooling)
+    names = [str(n) for n in label_names] if label_names is not None else head_names
+    return TaskModel(encoder, arch.head(model).eval(), names)
 
-    config = AutoConfig.from_pretrained(config_source)
-    pooling = _pooling(config.model_type)
-    tokenizer = AutoTokenizer.from_pretrained(config_source)
-    if isinstance(source, Mapping):
-        model = AutoModel.from_config(config)
-        expected = model.state_dict()
-        mapping = find_key_mapping(list(expected), list(source))
-        state = {}
-        for key, value in source.items():
-            ref = mapping.to_reference(key)
-            if ref is not None and ref in expected:
-                state[ref] = value.to(expected[ref].dtype)
-        missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys in base layout: a full classifier's ``prefix.*`` keys without the prefix (its head dropped)."""
+    marker = prefix + "."
+    if any(k.startswith(marker) for k in state):
+        return {k[len(marker) :]: v for k, v in state.items() if k.startswith(marker)}
+    return dict(state)
+
+
+def load_base_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a base-layout (or prefixed) state dict into a base model, converting dtypes; every tensor is required."""
+    expected = model.state_dict()
+    source = _strip_prefix(state, getattr(model, "base_model_prefix", ""))
+    missing = sorted(k for k in expected if k not in source)
+    if missing:
+        raise CheckpointError(
+            f"the state dict lacks encoder tensors {missing[:5]} ({len(missing)} in all) that a "
+            f"{type(model).__name__} needs; pass the whole encoder (base layout or with its '{model.base_model_prefix}.'"
+            " prefix)"
+        )
+    loaded = {}
+    for key, ref in expected.items():
+        value = source[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"encoder tensor '{key}' has shape {tuple(value.shape)} but the config expects {tuple(ref.shape)}; "
+                "the state dict and the config come from different models"
+            )
+        loaded[key] = value.detach().to(device=ref.device, dtype=ref.dtype)
+    model.load_state_dict(loaded, strict=True)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has neither config.json nor *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def load_encoder(source: PathLike | Mapping[str, torch.Tensor], config_source: PathLike | Any | None = None,
+                 tokenizer: PathLike | Any | None = None) -> TextEncoder:  # fmt: skip
+    """The base encoder (``AutoModel``, float32, eval mode) with the feature its task heads read.
+
+    ``source``: a model folder in any layout (bare base such as all-MiniLM-L6-v2, or a fine-tuned classifier), a
+    folder of safetensors weights without a config, or an in-memory state dict in base layout (a ``bert.``-style
+    prefix is stripped if present) — merged encoders are evaluated without being written to disk.
+    ``config_source``: a folder (or a ``PretrainedConfig``) giving the architecture when ``source`` has no config,
+    and the tokenizer unless ``tokenizer`` is given; defaults to ``source`` when that is a folder.
+    The pooler is built (and required) exactly when the family's head reads ``pooler_output``.
+    """
+    from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+    folder = None if isinstance(source, Mapping) else Path(source)
+    if folder is not None and not folder.exists():
+        raise CheckpointError(f"encoder checkpoint {folder} does not exist")
+    given_config = config_source if isinstance(config_source, PretrainedConfig) else None
+    config_folder = None if given_config is not None else (config_source if config_source is not None else folder)
+    if given_config is None and config_folder is None:
+        raise ConfigError("load_encoder needs config_source (a model folder) when the encoder is a state dict")
+    tokenizer = tokenizer if tokenizer is not None else config_folder
+    if tokenizer is None:
+        raise ConfigError("pass tokenizer= (a folder or a tokenizer) when config_source is a PretrainedConfig")
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_tokenizer(tokenizer)
+
+    if folder is not None and (folder / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        arch = architecture(config.model_type)
+        model, info = AutoModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                                **arch.base_kwargs)  # fmt: skip
+        missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
         if missing:
-            raise CheckpointError(f"the state dict lacks encoder tensors {missing[:5]} (key mapping: {mapping.describe()})")
-        model.load_state_dict(state, strict=False)
+            raise CheckpointError(
+                f"{folder} lacks encoder tensors {sorted(missing)[:5]} ({len(missing)} in all) that would be "
+                "random; save the whole encoder (the pooler too for BERT-family models)"
+            )
     else:
-        path = Path(source)
-        if not path.exists():
-            raise CheckpointError(f"encoder checkpoint {path} does not exist")
-        model = AutoModel.from_pretrained(path)
-    return TextEncoder(model.float().eval(), tokenizer, pooling)
+        if given_config is None:
+            given_config = AutoConfig.from_pretrained(str(_require_folder(config_folder, "config source")),
+                                                      local_files_only=True)  # fmt: skip
+        config = given_config
+        arch = architecture(config.model_type)
+        model = AutoModel.from_config(config, **arch.base_kwargs)
+        load_base_state(model, _read_weights(folder) if folder is not None else source)
+    return TextEncoder(model.float().eval(), tokenizer, arch.pooling)
 
 
-def label_names_of(path: str | os.PathLike[str]) -> list[str]:
+def classifier_head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The head tensors of an ``AutoModelForSequenceClassification`` (keys as in the classifier)."""
+    arch = architecture(model.config.model_type)
+    return {f"{name}.{k}": v.detach().cpu().contiguous()
+            for name in arch.head_modules for k, v in getattr(model, name).state_dict().items()}  # fmt: skip
+
+
+def head_from_state(config: Any, state: Mapping[str, torch.Tensor], label_names: list[str]) -> nn.Module:
+    """A head module (as ``load_task_model`` gives) rebuilt from ``classifier_head_state`` tensors, float32."""
+    from transformers import AutoModelForSequenceClassification
+
+    arch = architecture(config.model_type)
+    names = [str(n) for n in label_names]
+    config = copy.deepcopy(config)
+    config.num_labels = len(names)
+    config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    with torch.device("meta"):  # the encoder part is never materialised
+        model = AutoModelForSequenceClassification.from_config(config)
+    for name in arch.head_modules:
+        module = getattr(model, name).to_empty(device="cpu")
+        part = {k[len(name) + 1 :]: v.float() for k, v in state.items() if k.startswith(name + ".")}
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the head tensors do not fit a {config.model_type} head with {len(names)} "
+                                  f"classes: {exc}") from exc  # fmt: skip
+    return arch.head(model).float().eval()
+
+
+def label_names_of(path: PathLike) -> list[str]:
     """The id2label names of a classifier checkpoint's config."""
-    import json
-
-    config = json.loads((Path(path) / "config.json").read_text())
+    folder = _require_folder(path, "classifier")
+    config = json.loads((folder / "config.json").read_text())
     id2label = config.get("id2label") or {}
     if not id2label:
-        raise DataError(f"{path}/config.json has no id2label")
+        raise DataError(f"{folder}/config.json has no id2label; it is not a sequence classifier")
     return [str(id2label[str(i)]) for i in range(len(id2label))]
