@@ -12,10 +12,31 @@ def test_tall_masks_by_hand():
     taus = [torch.tensor([1.0, 0.1, -2.0]), torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.1, 0.1])]
     # τ_MTL = [2.0, 0.2, 0.1]; τ_MTL − τ_t: [1.0, 0.1, 2.1], [1.0, 0.2, -1.9], [2.0, 0.1, 0.0]
     masks = tall_masks(taus, 0.6)
-    assert masks[0].tolist() == [True, True, True]     # 1 ≥ 0.6, 0.1 ≥ 0.06, 2 ≥ 1.26
-    assert masks[1].tolist() == [True, False, True]    # 1 ≥ 0.6, 0 < 0.12, 2 ≥ 1.14
-    assert masks[2].tolist() == [False, True, True]    # 0 < 1.2, 0.1 ≥ 0.06, 0.1 ≥ 0
-    assert tall_masks(taus, 0.0)[1].tolist() == [True, True, True]
+    assert masks[0].tolist() == [True, True, True]     # 1 > 0.6, 0.1 > 0.06, 2 > 1.26
+    assert masks[1].tolist() == [True, False, True]    # 1 > 0.6, 0 < 0.12, 2 > 1.14
+    assert masks[2].tolist() == [False, True, True]    # 0 < 1.2, 0.1 > 0.06, 0.1 > 0
+    assert tall_masks(taus, 0.0)[1].tolist() == [True, False, True]  # strict: a zero entry never counts
+
+
+def test_tall_mask_ties_are_excluded_like_the_official_code():
+    # |τ_t| == λ |τ_MTL − τ_t| exactly: 1 vs 1·|2 − 1| → not in the mask (official: diff_pt_ft > λ · diff_multi_ft)
+    taus = [torch.tensor([1.0]), torch.tensor([1.0])]
+    assert [m.item() for m in tall_masks(taus, 1.0)] == [False, False]
+    assert [m.item() for m in tall_masks(taus, 0.999)] == [True, True]
+
+
+def test_weight_space_consensus_equals_the_data_consensus_at_the_same_lambda():
+    from mergelab.learned.tall_masks import apply_mask, consensus_mask, tall_mask
+
+    torch.manual_seed(1)
+    base = torch.randn(6, 5)
+    models = [base + torch.randn(6, 5) for _ in range(3)]
+    taus = [{"w": m - base} for m in models]
+    mtl = {"w": sum(t["w"] for t in taus)}
+    masks = [tall_mask(t, mtl, 0.4) for t in taus]
+    expected = apply_mask({"w": base}, consensus_mask(masks, 2), mtl, scale=0.7)["w"]
+    method = build_method("consensus", {"tall_lambda": 0.4, "min_tasks": 2, "scale": 0.7}, 3)
+    torch.testing.assert_close(method.merge_tensor("w", base.clone(), [m.clone() for m in models]), expected)
 
 
 def test_consensus_keeps_weights_used_by_k_tasks():

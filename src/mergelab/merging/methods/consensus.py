@@ -1,11 +1,13 @@
 """Consensus merging (TALL-masks paper, Wang et al. 2024), task-arithmetic variant.
 
-TALL mask of task t, elementwise: m_t = 1[|τ_t| ≥ λ · |τ_MTL − τ_t|] with τ_MTL = Σ_t τ_t. Consensus mask: M = 1[Σ_t m_t ≥
-k] (k = ``min_tasks``, default 2: drops weights no task or only one task relies on). θ = θ₀ + α · M ⊙ τ_MTL.
+TALL mask of task t, elementwise: m_t = 1[|τ_t| > λ · |τ_MTL − τ_t|] (strict, as the official code), with
+τ_MTL = Σ_t τ_t. Consensus mask: M = 1[Σ_t m_t ≥ k] (k = ``min_tasks``, default 2: drops weights no task or only
+one task relies on). θ = θ₀ + α · M ⊙ τ_MTL.
 
 Reference: nik-dim/tall_masks (``consensus`` with TA, ``prun_thre_k`` 2) and FusionBench's fixed
-``tall_mask_lambda`` 0.6. Deliberate difference: the official code picks λ_t per task on validation data; here one λ
-is a parameter, and the benchmark chooses (λ, α) on the validation split like any other grid.
+``tall_mask_lambda`` 0.6. This weight-space version takes one λ as a parameter (the benchmark chooses (λ, α) on the
+validation split like any other grid); ``tall_consensus`` (``mergelab.learned``) is the official recipe with λ_t
+chosen per task on labelled validation data. Both use the same strict mask rule.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mergelab.merging.ops import require_base, task_vectors
 
 
 class ConsensusParams(MethodParams):
-    tall_lambda: float = Field(0.6, ge=0.0, description="λ of the TALL masks |τ_t| ≥ λ|τ_MTL − τ_t| (FusionBench 0.6)")
+    tall_lambda: float = Field(0.6, ge=0.0, description="λ of the TALL masks |τ_t| > λ|τ_MTL − τ_t| (FusionBench 0.6)")
     min_tasks: int = Field(2, ge=0, description="keep weights used by at least this many tasks' TALL masks")
     scale: float = Field(1.0, description="α applied to the masked multi-task vector")
 
@@ -28,7 +30,7 @@ class ConsensusParams(MethodParams):
 def tall_masks(taus: Sequence[torch.Tensor], tall_lambda: float) -> list[torch.Tensor]:
     """Boolean TALL mask per task for one tensor."""
     total = torch.stack(list(taus)).sum(0)
-    return [tau.abs() >= tall_lambda * (total - tau).abs() for tau in taus]
+    return [tau.abs() > tall_lambda * (total - tau).abs() for tau in taus]
 
 
 class Consensus(MergeMethod):
