@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +86,7 @@ def merge_command(
     from mergelab.learned.registry import data_method_names
     from mergelab.merging.api import merge
 
-    if method in data_method_names():
+    if config is None and method in data_method_names():
         _merge_with_data(method, base, model or [], data or [], dict(parse_param(p) for p in (param or [])), out, force)
         return
 
@@ -93,15 +94,24 @@ def merge_command(
         cfg = load_yaml_config(config, MergeConfig)
         overrides = {"force": force or cfg.force, "allow_nonfinite": allow_nonfinite or cfg.allow_nonfinite}
         cfg = cfg.model_copy(update=overrides)
+        if cfg.method in data_method_names():
+            _merge_with_data(cfg.method, cfg.base, cfg.models, cfg.data, cfg.params, cfg.out, cfg.force,
+                             cfg.max_length, cfg.seed)  # fmt: skip
+            return
     else:
-        data: dict[str, Any] = {"method": method, "base": base, "models": model or [], "out": out,
-                                "params": dict(parse_param(p) for p in (param or []))}  # fmt: skip
+        values: dict[str, Any] = {"method": method, "base": base, "models": model or [], "out": out,
+                                  "params": dict(parse_param(p) for p in (param or [])), "data": data or []}  # fmt: skip
         for key, value in (("include", include), ("exclude", exclude), ("dtype", dtype),
                            ("max_shard_size", max_shard_size)):  # fmt: skip
             if value:
-                data[key] = value
-        data.update(force=force, allow_nonfinite=allow_nonfinite)
-        cfg = validate_config(data, MergeConfig, "from the command line")
+                values[key] = value
+        values.update(force=force, allow_nonfinite=allow_nonfinite)
+        cfg = validate_config(values, MergeConfig, "from the command line")
+    if cfg.data:
+        from mergelab.errors import ConfigError
+
+        raise ConfigError(f"--data is only for data-dependent methods ({', '.join(data_method_names())}); "
+                          f"'{cfg.method}' merges weights only")
     with _progress_bar("merging") as bar:
         task = bar.add_task(f"{cfg.method}", total=None)
 
@@ -116,25 +126,62 @@ def merge_command(
     typer.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} -> {result}")
 
 
-def _merge_with_data(method: str, base: str | None, models: list[str], data: list[str], params: dict[str, Any],
-                     out: str | None, force: bool) -> None:  # fmt: skip
-    """RegMean / Fisher / AdaMerging from the CLI: each model's own task data (train texts; test texts for
-    AdaMerging, which is transductive)."""
-    from mergelab.data.tasks import load_task
+def pair_models_with_data(models: list[str], data: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``--model`` / ``--data`` values → ({task: checkpoint}, {task: data path}).
+
+    Either every value is ``TASK=PATH`` (paired by task name, in any order) or none is (paired by position, tasks
+    named ``task0``, ``task1``, ...).
+    """
     from mergelab.errors import ConfigError
-    from mergelab.io.writer import check_target, save_state_dict
-    from mergelab.learned.registry import run_data_method
+
+    named = [("=" in v) for v in [*models, *data]]
+    if not models:
+        raise ConfigError("give the fine-tuned models: --model TASK=PATH, once per task")
+    if any(named) and not all(named):
+        raise ConfigError("either name every --model and --data as TASK=PATH or none of them (then pair by order)")
+    if not all(named):
+        if len(data) != len(models):
+            raise ConfigError(
+                f"data-dependent merging needs one --data PATH per --model ({len(models)} models, {len(data)} data); "
+                "or name them: --model TASK=PATH --data TASK=PATH"
+            )
+        names = [f"task{i}" for i in range(len(models))]
+        return dict(zip(names, models, strict=True)), dict(zip(names, data, strict=True))
+    finetuned, folders = _pairs(models, "--model"), _pairs(data, "--data")
+    if len(finetuned) != len(models) or len(folders) != len(data):
+        raise ConfigError("a task is named twice in --model or --data; name each task once")
+    if set(finetuned) != set(folders):
+        raise ConfigError(
+            f"--model and --data must name the same tasks; without data: {sorted(set(finetuned) - set(folders))}, "
+            f"without a model: {sorted(set(folders) - set(finetuned))}"
+        )
+    return finetuned, folders
+
+
+def _merge_with_data(method: str, base: str | None, models: list[str], data: list[str], params: dict[str, Any],
+                     out: str | None, force: bool, max_length: int = 64, seed: int = 0) -> None:  # fmt: skip
+    """Data-dependent methods from the CLI: each model with its own task's data (the method reads the split it
+    declares: train inputs, labelled validation, or test inputs for the transductive AdaMerging)."""
+    from mergelab.errors import ConfigError
+    from mergelab.learned.api import merge_with_data
 
     if not base or not out:
         raise ConfigError(f"method '{method}' needs --base and --out")
-    if len(data) != len(models):
-        raise ConfigError(f"method '{method}' needs one --data PATH per --model ({len(models)} models, {len(data)} data)")
-    check_target(Path(out), force)
-    tasks = [load_task(f"task{i}", item.split("=", 1)[-1]) for i, item in enumerate(data)]
-    state = run_data_method(method, params, base, models, [t.splits["train"].texts for t in tasks],
-                            test_texts=[t.splits["test"].texts for t in tasks])  # fmt: skip
-    save_state_dict(state, Path(out), config_source=Path(base), force=force)
-    typer.echo(f"merged {len(models)} model(s) with {method} -> {out}")
+    finetuned, folders = pair_models_with_data(models, data)
+    info: dict[str, Any] = {}
+    with _progress_bar("merging") as bar:
+        bar.add_task(f"{method} (data-dependent)", total=None)
+        merge_with_data(method, base, finetuned, folders, out, max_length=max_length, seed=seed, force=force,
+                        info=info, **params)  # fmt: skip
+    learned = {k: v for k, v in info.items() if k not in ("method",)}
+    typer.echo(f"merged {len(finetuned)} model(s) with {method} -> {out}")
+    typer.echo("learned/chosen: " + json.dumps(learned, default=_jsonable, sort_keys=True)[:2000])
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 @app.command("methods")
@@ -159,7 +206,7 @@ def methods_command() -> None:
     from mergelab.learned.registry import DATA_METHODS
 
     for name, (params_cls, _, summary) in DATA_METHODS.items():
-        console.print(f"[bold]{name}[/bold] — {summary} (data-dependent: in `mergelab bench` configs)")
+        console.print(f"[bold]{name}[/bold] — {summary} (data-dependent: `mergelab merge --data`, bench configs)")
         table = Table(show_header=True, header_style="dim", box=None, pad_edge=False)
         for column in ("param", "default", "doc"):
             table.add_column(column)

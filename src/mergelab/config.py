@@ -33,6 +33,12 @@ class MergeConfig(StrictModel):
     max_shard_size: str = "2GB"
     force: bool = False
     allow_nonfinite: bool = False
+    data: list[str] = Field(
+        default_factory=list,
+        description="data-dependent methods: TASK=PATH per model (models then TASK=PATH too), or one PATH per model",
+    )
+    max_length: int = Field(default=64, ge=2, description="data-dependent methods: tokens per input")
+    seed: int = Field(default=0, description="data-dependent methods: sampling seed")
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], where: str) -> str:
