@@ -50,7 +50,10 @@ def setup(tmp_path_factory) -> dict:
                     {"name": "ties", "params": {"density": 0.5}, "grid": {"scale": [0.5]}},
                     {"name": "regmean", "params": {"num_examples": 8}},
                     {"name": "fisher", "params": {"num_examples": 4, "label_mode": "sampled"}},
-                    {"name": "adamerging", "params": {"steps": 2, "num_examples": 8, "batch_size": 4}}],
+                    {"name": "adamerging", "params": {"steps": 2, "num_examples": 8, "batch_size": 4}},
+                    {"name": "tall_consensus", "params": {"lambdas": [0.3, 0.6]}}],
+        "multitask": True,
+        "neulig": {"steps": 5, "train_examples": 8, "test_examples": 8, "eval_batch_size": 4, "batch_size": 8},
         "protocols": ["current", "knn", "aligned", "ft_classifier", "ensemble", "surgery"],
         "protocol_options": {"ft_classifier": {"epochs": 2}, "aligned": {"steps": 30}, "surgery": {"steps": 20}},
         "transforms": ["procrustes", "orthogonal"],
@@ -74,7 +77,15 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     assert ("finetuned", "individual", "current") in kinds and ("ensemble", "ensemble", "ensemble") in kinds
     assert ("pretrained", "pretrained", "knn") in kinds and ("merged", "ties", "aligned:procrustes") in kinds
     assert ("merged", "regmean", "current") in kinds  # data-dependent methods through the same runner
-    assert ("merged", "fisher", "knn") in kinds
+    assert ("merged", "fisher", "knn") in kinds and ("merged", "tall_consensus", "ft_classifier") in kinds
+    assert ("mtl", "mtl", "current") in kinds  # the multi-task-learning baseline with its own heads
+    neulig = {r["method"] for r in rows if r["model"] == "neulig"}
+    assert neulig == {"ensemble", "merge-first", "merge-mean"}
+    assert all(0.0 <= r["extras"]["top_weight"] <= 1.0 for r in rows if r["method"].startswith("merge-"))
+    with ResultStore(run / "results.sqlite") as store:
+        learned = store.get_meta("learned")
+    tall = next(v for k, v in learned.items() if k.startswith("tall_consensus"))
+    assert set(tall["lambdas"]) == {"t0", "t1"} and all(v in (0.3, 0.6) for v in tall["lambdas"].values())
     assert all(r["transductive"] for r in rows if r["method"] == "adamerging")  # learned on test inputs
     assert chosen["task_arithmetic"]["scale"] in (0.3, 1.0)  # chosen on validation and recorded
     assert all(r["transductive"] for r in rows if r["protocol"].startswith("aligned"))
@@ -91,6 +102,8 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     assert ta["t0"].text() in line and ta["Avg"].text() in line
     assert (run / "report.html").read_text().count("data:image/png;base64") >= 3
     assert (run / "fig7_surgery.png").exists()  # FT-Classifier vs Surgery (the paper's Figure 7)
+    assert "| Multi-task learning |" in text and "## NeuLig: merging vs ensembling" in text
+    assert "| merge-first |" in text and "## What the data-dependent merges learned" in text
     again = build_report(run)  # rebuilding from the store gives the same Markdown
     assert again["markdown"].read_text() == text
 

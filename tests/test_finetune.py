@@ -180,3 +180,25 @@ def test_multitask_baseline_trains_one_encoder_with_per_task_heads(tmp_path, bas
         load_multitask(out, label_names={"two": ["b", "a"]})
     with pytest.raises(DataError, match="distinct"):
         finetune_multitask(base, [tasks[0], tasks[0]], tmp_path / "dup", progress=False)
+
+
+def test_second_get_or_train_multitask_trains_nothing_and_the_key_tracks_tasks(tmp_path, base, monkeypatch):
+    from mergelab.finetune.experts import get_or_train_multitask, multitask_cache_key
+
+    tasks = [make_task("a", per_class=4, seed=0), make_task("b", num_classes=2, per_class=4, seed=1)]
+    calls = []
+    real = experts.finetune_multitask
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experts, "finetune_multitask", counting)
+    settings = dict(FAST, epochs=1)
+    path = get_or_train_multitask(tmp_path / "cache", base, tasks, progress=False, **settings)
+    again = get_or_train_multitask(tmp_path / "cache", base, tasks, progress=False, **settings)
+    assert again == path and len(calls) == 1
+    key = multitask_cache_key(base, tasks, **settings)
+    assert key != multitask_cache_key(base, tasks[::-1], **settings)  # head order is part of the model
+    assert key != multitask_cache_key(base, tasks, **dict(settings, lr=1e-3))
+    assert key != multitask_cache_key(base, [tasks[0], make_task("b", num_classes=2, per_class=4, seed=2)], **settings)

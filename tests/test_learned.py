@@ -413,11 +413,19 @@ def test_neulig_regulariser_and_xi_by_hand():
 
 def test_neulig_end_to_end_reports_ensemble_merge_and_gap(family):
     _, finetuned, tasks = family
-    report = neulig_with_data(finetuned, tasks, steps=20, lr=1e-2, batch_size=8, eval_batch_size=4)
-    assert set(report.results) == {"task0", "task1"}
-    for row in report.results.values():
-        assert 0.0 <= row["merge"] <= 1.0 and row["gap"] == pytest.approx(row["ensemble"] - row["merge"])
-    assert set(report.average) == {"ensemble", "merge", "gap"}
+    report = neulig_with_data(finetuned, tasks, steps=20, lr=1e-2, batch_size=8, eval_batch_size=4,
+                              weights_from=("first", "mean"), test_examples=12)  # fmt: skip
+    assert set(report.variants) == {"first", "mean"} and report.results is report.variants["first"]
+    for table in report.variants.values():
+        assert set(table) == {"task0", "task1"}
+        for row in table.values():
+            assert 0.0 <= row["merge"] <= 1.0 and row["gap"] == pytest.approx(row["ensemble"] - row["merge"])
+            assert 0.5 <= row["top_weight"] <= 1.0 and sum(row["mean_weights"]) == pytest.approx(1.0, abs=1e-5)
+    # the ensemble side does not depend on the rule that picks the merge weights
+    assert report.variants["first"]["task0"]["ensemble"] == report.variants["mean"]["task0"]["ensemble"]
+    assert set(report.average_of("mean")) == {"ensemble", "merge", "gap", "top_weight"}
+    with pytest.raises(ConfigError, match="weights_from"):
+        neulig_with_data(finetuned, tasks, steps=1, weights_from="last")
 
 
 # ----------------------------------------------------------------------------------------------- registry / api

@@ -51,6 +51,24 @@ class MethodSpec(StrictModel):
         return self.label or self.name
 
 
+class NeuLigSpec(StrictModel):
+    """The NeuLig router (algorithms.md §14): trained on the experts' train features, evaluated on each test split."""
+
+    loss: Literal["ce", "entropy"] = Field(default="ce", description="CE on labels (sup) or entropy (semi)")
+    steps: int = Field(default=300, ge=1, description="Adam steps (round-robin over tasks)")
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=128, ge=1)
+    train_examples: int | None = Field(default=512, ge=1, description="train inputs per task for the router")
+    weights_from: list[Literal["first", "mean"]] = Field(
+        default_factory=lambda: ["first", "mean"], min_length=1,
+        description="merge weights of a test batch: its first item's (reference code) and/or the batch mean",
+    )  # fmt: skip
+    eval_batch_size: int = Field(default=16, ge=1, description="test items per merged model (one task per batch)")
+    test_examples: int | None = Field(default=None, ge=1, description="first N test items per task (None: all)")
+    regulariser_scale: float = Field(default=100.0, gt=0)
+    seed: int = 0
+
+
 class ExperimentConfig(StrictModel):
     base: str = Field(default="minilm", description="'minilm' (offline all-MiniLM-L6-v2), a local path, or an HF id")
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -70,6 +88,7 @@ class ExperimentConfig(StrictModel):
     select_on: Literal["validation"] = "validation"
     select_protocol: Literal["current", "knn", "ft_classifier"] = "current"
     multitask: bool = Field(default=False, description="also train the multi-task-learning baseline (Table 2's MTL row)")
+    neulig: NeuLigSpec | None = Field(default=None, description="also train and evaluate the NeuLig router")
     bounds: bool = Field(default=True, description="evaluate the fine-tuned experts and the pretrained encoder")
     tsne_tasks: list[str] = Field(default_factory=list, description="tasks for the t-SNE figure (default: first two)")
     tsne_method: str | None = None

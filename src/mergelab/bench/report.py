@@ -271,7 +271,8 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     with ResultStore(run_dir / "results.sqlite") as store:
         rows = store.rows("test")
-        meta = {key: store.get_meta(key) for key in ("config", "chosen", "selection", "provenance", "versions", "timings")}
+        meta = {key: store.get_meta(key)
+                for key in ("config", "chosen", "selection", "provenance", "versions", "timings", "learned")}  # fmt: skip
     if not rows:
         from mergelab.errors import MergelabError
 
@@ -296,8 +297,13 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     ]
     if other:
         sections += ["## Every protocol (average over tasks)", other]
+    neulig = neulig_table(rows, tasks)
+    if neulig:
+        sections += ["## NeuLig: merging vs ensembling (router trained on the experts' train features)", neulig]
     sections += ["## Hyper-parameters chosen on the validation split", chosen_table(meta.get("chosen") or {},
                                                                                      meta.get("selection") or {})]
+    if meta.get("learned"):
+        sections += ["## What the data-dependent merges learned or chose", learned_table(meta["learned"])]
     sections += ["## Run facts", facts(meta)]
     md = "\n\n".join(sections) + "\n"
     md_with_figs = md + "\n" + "\n".join(f"![{name}]({name})" for name, data in figures.items() if data) + "\n"
@@ -316,6 +322,37 @@ def other_protocols_table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
         lines.append([model, method, protocol_label(protocol) + (" †" if transductive else ""), str(shots),
                       *[cells[t].text() if t in cells else "–" for t in tasks], cells["Avg"].text() if "Avg" in cells else "–"])  # fmt: skip
     return markdown_table(["model", "method", "protocol", "shots", *tasks, "Avg"], lines) if lines else ""
+
+
+def neulig_table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+    """Ensembling and merging accuracy of the NeuLig router per task, the gap and the mean largest merge weight."""
+    agg = aggregate([r for r in rows if r["model"] == "neulig"])
+    if not agg:
+        return ""
+    ensemble = agg.get(("neulig", "ensemble", "current", 0), {})
+    lines = []
+    for key in sorted(agg, key=lambda k: (k[1] != "ensemble", k[1])):
+        cells = agg[key]
+        extras = [r["extras"] for r in rows if (r["model"], r["method"], r["protocol"], r["shots"]) == key]
+        gap = top = "–"
+        if key[1] != "ensemble" and "Avg" in cells and "Avg" in ensemble:
+            gap = f"{ensemble['Avg'].mean - cells['Avg'].mean:+.2f}"
+            tops = [float(e["top_weight"]) for e in extras if isinstance(e, dict) and "top_weight" in e]
+            top = f"{mean(tops):.3f}" if tops else "–"
+        lines.append([key[1], *[cells[t].text() if t in cells else "–" for t in tasks],
+                      cells["Avg"].text() if "Avg" in cells else "–", gap, top])  # fmt: skip
+    note = ("Gap = ensemble − merge (points, average over tasks); the seed paper reports 95.46 vs 95.44 (0.02). "
+            "Top weight = mean over test batches of the largest merge weight (1.0: the merge is one expert).")
+    return markdown_table(["NeuLig", *tasks, "Avg", "gap (pt)", "top weight"], lines) + "\n\n" + note
+
+
+def learned_table(learned: dict[str, Any], width: int = 400) -> str:
+    """One line per data-dependent merge: what it learned or chose (λ_t, coefficients, kept fraction, ...)."""
+    lines = []
+    for name, info in learned.items():
+        text = json.dumps({k: v for k, v in info.items() if k != "method"}, sort_keys=True)
+        lines.append([name, text if len(text) <= width else text[: width - 1] + "…"])
+    return markdown_table(["method (params)", "learned / chosen"], lines)
 
 
 def chosen_table(chosen: dict[str, Any], selection: dict[str, Any]) -> str:

@@ -200,20 +200,36 @@ def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) ->
     fingerprint = "merge-" + hashlib.sha256(recipe.encode()).hexdigest()
 
     def build() -> Any:
-        from mergelab.learned.registry import data_method_names, run_data_method
+        from mergelab.learned.api import merge_with_data
+        from mergelab.learned.registry import data_method_names
 
-        experts = [e.path for e in ctx.experts.values()]
         with _timed(ctx, "merging"):
-            if spec.name in data_method_names():  # needs activations: each expert's own unlabelled train inputs
-                texts = [ctx.tasks[n].splits["train"].texts for n in ctx.experts]
-                test_texts = [ctx.tasks[n].splits["test"].texts for n in ctx.experts]
-                state = run_data_method(spec.name, params, str(ctx.base_path), experts, texts,
-                                        ctx.cfg.eval_max_length, test_texts=test_texts)  # fmt: skip
+            if spec.name in data_method_names():  # reads each expert's own task data (the split it declares)
+                info: dict[str, Any] = {}
+                state = merge_with_data(spec.name, ctx.base_path, {n: e.path for n, e in ctx.experts.items()},
+                                        {n: ctx.tasks[n] for n in ctx.experts}, max_length=ctx.cfg.eval_max_length,
+                                        info=info, **params)  # fmt: skip
+                record_learned(ctx, spec, params, info)
             else:
-                state = mergelab.merge(spec.name, ctx.base_path, experts, **params)
+                state = mergelab.merge(spec.name, ctx.base_path, [e.path for e in ctx.experts.values()], **params)
             return load_encoder(state, ctx.base_path)
 
     return build, fingerprint
+
+
+def record_learned(ctx: RunContext, spec: MethodSpec, params: dict[str, Any], info: dict[str, Any]) -> None:
+    """Store what a data-dependent merge learned or chose (coefficients, λ_t, ...) for the report."""
+    learned = ctx.store.get_meta("learned", {})
+    entry = json.loads(json.dumps(info, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    learned[f"{spec.display} {params_json(params)}"] = entry
+    ctx.store.set_meta("learned", learned)
+
+
+def is_transductive_method(name: str) -> bool:
+    """Whether a merging method learns from unlabelled test inputs (its rows are then marked †)."""
+    from mergelab.learned.registry import data_method_names, get_data_method
+
+    return name in data_method_names() and get_data_method(name).transductive
 
 
 # ----------------------------------------------------------------------------------------------------- protocols
@@ -247,8 +263,11 @@ def protocol_cells(cfg: ExperimentConfig, protocols: list[str]) -> list[tuple[st
 
 def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any], protocols: list[str],
                      finetuned: dict[str, Any], ensemble: dict[str, list[Any]] | None = None,
-                     finetuned_accuracy: dict[str, float] | None = None) -> None:  # fmt: skip
-    """Run every (protocol, seed, shots) cell of ``subject`` on every task, skipping stored cells."""
+                     finetuned_accuracy: dict[str, float] | None = None,
+                     heads: dict[str, torch.nn.Module] | None = None) -> None:  # fmt: skip
+    """Run every (protocol, seed, shots) cell of ``subject`` on every task, skipping stored cells.
+
+    ``heads`` replaces the experts' heads (the multi-task model brings its own)."""
     from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, run_protocol
 
     cells = protocol_cells(ctx.cfg, protocols)
@@ -261,7 +280,8 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
         if not pending:
             continue
         context = ProtocolContext(
-            task=task_name, merged=feats, head=ctx.experts[task_name].head, finetuned=finetuned[task_name],
+            task=task_name, merged=feats, head=(heads or {}).get(task_name, ctx.experts[task_name].head),
+            finetuned=finetuned[task_name],
             ensemble_features=(ensemble or {}).get(task_name, []), eval_split="test",
         )  # fmt: skip
         rows = []
@@ -406,11 +426,13 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
             pretrained_protocols = [p for p in merged_protocols if p != "aligned" or cfg.aligned_methods is None]
             evaluate_subject(ctx, Subject("pretrained", "pretrained"), pretrained, pretrained_protocols, finetuned,
                              None, ft_test_acc)  # fmt: skip
+        if cfg.multitask:
+            evaluate_multitask(ctx, finetuned, ft_test_acc)
+        if cfg.neulig is not None:
+            evaluate_neulig_router(ctx, ft_test_acc)
         for spec in cfg.methods:
             params = choose_params(ctx, spec, ft_val_acc, finetuned)
-            from mergelab.learned.registry import TRANSDUCTIVE
-
-            subject = Subject("merged", spec.display, params, transductive=spec.name in TRANSDUCTIVE)
+            subject = Subject("merged", spec.display, params, transductive=is_transductive_method(spec.name))
             protocols = [p for p in merged_protocols
                          if p != "aligned" or cfg.aligned_methods is None or spec.display in cfg.aligned_methods]  # fmt: skip
             if _subject_done(ctx, subject, protocols):
@@ -433,6 +455,69 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
 
         return build_report(run_dir)["markdown"]
     return run_dir / "results.sqlite"
+
+
+def evaluate_multitask(ctx: RunContext, finetuned: dict[str, Any], finetuned_accuracy: dict[str, float]) -> None:
+    """Table 2's multi-task-learning row: one encoder fine-tuned on every task (cached), each task's own head."""
+    from mergelab.finetune.experts import get_or_train_multitask, load_multitask
+    from mergelab.models.fingerprint import checkpoint_fingerprint
+
+    subject = Subject("mtl", "mtl")
+    if _subject_done(ctx, subject, ["current"]):
+        return
+    ft = ctx.cfg.finetune
+    with _timed(ctx, "multitask"):
+        path = get_or_train_multitask(
+            ctx.cache_dir / "experts", ctx.base_path, list(ctx.tasks.values()), threads=ctx.cfg.threads,
+            epochs=ft.epochs, lr=ft.lr, max_length=ft.max_length, batch_size=ft.batch_size, seed=ft.seed,
+            train_size=ft.train_size, weight_decay=ft.weight_decay,
+        )  # fmt: skip
+    models = load_multitask(path, {n: t.label_names for n, t in ctx.tasks.items()})
+    fingerprint = checkpoint_fingerprint(path)
+    encoder = next(iter(models.values())).encoder
+    feats = {n: encoder_features(ctx, encoder, fingerprint, t, _present(ctx, n, ("test",)))
+             for n, t in ctx.eval_tasks.items()}  # fmt: skip
+    evaluate_subject(ctx, subject, feats, ["current"], finetuned, None, finetuned_accuracy,
+                     heads={n: m.head for n, m in models.items()})  # fmt: skip
+
+
+def evaluate_neulig_router(ctx: RunContext, finetuned_accuracy: dict[str, float]) -> None:
+    """NeuLig (algorithms.md §14): the router's ensembling accuracy and its merging accuracy per ``weights_from``
+    rule, per task on the test split, stored as ``neulig`` rows (extras: gap, largest merge weight, mean weights)."""
+    from mergelab.learned.api import neulig_with_data
+
+    spec = ctx.cfg.neulig
+    assert spec is not None
+    params = spec.model_dump(mode="json")
+    methods = ["ensemble", *[f"merge-{rule}" for rule in spec.weights_from]]
+    keys = {(m, t): cell_key(run=ctx.run_key, model="neulig", method=m, params=params, protocol="current", task=t,
+                             seed=spec.seed, shots=0, split="test") for m in methods for t in ctx.tasks}  # fmt: skip
+    if all(ctx.store.has(k) for k in keys.values()):
+        return
+    with _timed(ctx, "neulig"):
+        report = neulig_with_data(
+            {n: e.path for n, e in ctx.experts.items()}, {n: ctx.tasks[n] for n in ctx.experts}, loss=spec.loss,
+            steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, train_examples=spec.train_examples,
+            weights_from=spec.weights_from, eval_batch_size=spec.eval_batch_size, test_examples=spec.test_examples,
+            regulariser_scale=spec.regulariser_scale, max_length=ctx.cfg.eval_max_length, seed=spec.seed,
+        )  # fmt: skip
+    rows = []
+    for method in methods:
+        for task in ctx.tasks:
+            first = report.variants[spec.weights_from[0]][task]
+            result = first if method == "ensemble" else report.variants[method.removeprefix("merge-")][task]
+            accuracy = result["ensemble"] if method == "ensemble" else result["merge"]
+            extras = {} if method == "ensemble" else {k: result[k] for k in ("gap", "top_weight", "mean_weights")}
+            reference = finetuned_accuracy.get(task)
+            rows.append({
+                "key": keys[(method, task)], "model": "neulig", "method": method, "params": params_json(params),
+                "protocol": "current", "task": task, "seed": spec.seed, "shots": 0, "accuracy": accuracy,
+                "normalized_accuracy": accuracy / reference if reference else None, "transductive": False,
+                "split": "test", "extras": extras,
+            })  # fmt: skip
+    ctx.store.add_rows(rows)
+    ctx.log("evaluated neulig: " + ", ".join(f"{rule} gap {100 * report.average_of(rule)['gap']:.2f} pt"
+                                             for rule in spec.weights_from))  # fmt: skip
 
 
 def _once(build: Callable[[], Any]) -> Callable[[], Any]:

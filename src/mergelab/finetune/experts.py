@@ -340,6 +340,28 @@ def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathL
     return Path(out_dir)
 
 
+def multitask_cache_key(base_path: PathLike, tasks: Sequence[Any], **hyper: Any) -> str:
+    """Hash of all that determines a multi-task model: base weights, every task's name, train split and label
+    names (in order), every hyper-parameter and the mergelab version."""
+    from mergelab import __version__
+
+    payload = {"kind": "multitask", "base": checkpoint_fingerprint(base_path),
+               "tasks": [[t.name, train_split_hash(t)] for t in tasks],
+               "config": asdict(FinetuneConfig.from_kwargs(**hyper)), "mergelab": __version__}  # fmt: skip
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def get_or_train_multitask(cache_dir: PathLike, base_path: PathLike, tasks: Sequence[Any], threads: int | None = None,
+                           progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
+    """The cached multi-task model ``cache_dir/multitask-<key>`` for (base, tasks, hyper-parameters); trained first
+    if absent."""
+    target = Path(cache_dir) / f"multitask-{multitask_cache_key(base_path, tasks, **hyper)}"
+    if (target / MULTITASK_LOG).is_file() and _complete(target):
+        return target
+    return finetune_multitask(base_path, tasks, target, threads=threads, progress=progress,
+                              **asdict(FinetuneConfig.from_kwargs(**hyper)))  # fmt: skip
+
+
 def load_multitask(path: PathLike, label_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """``{task: TaskModel}`` of a :func:`finetune_multitask` folder; every task model shares one encoder.
 

@@ -175,15 +175,27 @@ def tall_masks_with_data(
 
 @dataclass
 class NeuLigReport:
-    """The trained router and, per task, ensembling / merging accuracy on the test split and their gap."""
+    """The trained router and, per task, ensembling / merging accuracy on the test split and their gap.
+
+    ``variants`` holds one such table per ``weights_from`` rule evaluated ("first": the reference code's first item
+    of each batch; "mean": the batch mean); ``results`` is the first rule's table.
+    """
 
     router: torch.nn.Module
-    results: dict[str, dict[str, float]]
+    variants: dict[str, dict[str, dict[str, Any]]]
+
+    @property
+    def results(self) -> dict[str, dict[str, Any]]:
+        return next(iter(self.variants.values()))
 
     @property
     def average(self) -> dict[str, float]:
-        keys = ("ensemble", "merge", "gap")
-        return {k: sum(r[k] for r in self.results.values()) / len(self.results) for k in keys}
+        return self.average_of(next(iter(self.variants)))
+
+    def average_of(self, weights_from: str) -> dict[str, float]:
+        table = self.variants[weights_from]
+        keys = ("ensemble", "merge", "gap", "top_weight")
+        return {k: sum(float(r[k]) for r in table.values()) / len(table) for k in keys}
 
 
 def neulig_with_data(
@@ -195,23 +207,29 @@ def neulig_with_data(
     lr: float = 1e-3,
     batch_size: int = 128,
     train_examples: int | None = None,
-    weights_from: WeightsFrom = "first",
+    weights_from: WeightsFrom | Sequence[WeightsFrom] = "first",
     eval_batch_size: int = 16,
+    test_examples: int | None = None,
     regulariser_scale: float = 100.0,
     max_length: int = 64,
     seed: int = 0,
 ) -> NeuLigReport:
     """NeuLig end to end: features of every expert on every task's train split (``train_examples`` per task at
-    most), the router trained on them, then ensembling vs merging accuracy on each task's test split."""
+    most), the router trained on them, then ensembling vs merging accuracy on each task's test split (the first
+    ``test_examples`` items, all by default) for each ``weights_from`` rule."""
     import copy
 
     from mergelab.learned.neulig import NeuLigTask, evaluate_neulig, expert_features, standardized_xi, train_router
 
+    rules = [weights_from] if isinstance(weights_from, str) else list(weights_from)
     if loss not in ("ce", "entropy"):
         raise ConfigError(f"NeuLig loss must be 'ce' or 'entropy', got {loss!r}")
-    if weights_from not in ("first", "mean"):
-        raise ConfigError(f"NeuLig weights_from must be 'first' or 'mean', got {weights_from!r}")
+    if not rules or any(rule not in ("first", "mean") for rule in rules):
+        raise ConfigError(f"NeuLig weights_from must be 'first' and/or 'mean', got {weights_from!r}")
     tasks = _resolve_tasks(finetuned, data)
+    missing = [name for name, task in tasks.items() if "test" not in task.splits or "train" not in task.splits]
+    if missing:
+        raise DataError(f"NeuLig trains on each task's train split and evaluates on its test split; {missing} lack one")
     models = {name: _load_model(path, tasks[name].label_names) for name, path in finetuned.items()}
     encoders = [m.encoder for m in models.values()]
     states = [{n: t.detach() for n, t in e.model.state_dict().items()} for e in encoders]
@@ -224,15 +242,13 @@ def neulig_with_data(
     heads = [m.head for m in models.values()]
     xi = standardized_xi(states)
     router = train_router(features, labels, heads, xi, loss, steps, lr, batch_size, regulariser_scale, seed)
-    evaluation = {
-        name: NeuLigTask(
-            list(task.splits["test"].texts),
-            list(task.splits["test"].labels),
-            expert_features(encoders, task.splits["test"].texts, max_length),
-            models[name].head,
-        )
-        for name, task in tasks.items()
-    }
+    evaluation = {}
+    for name, task in tasks.items():
+        test = task.splits["test"]
+        count = len(test) if test_examples is None else min(test_examples, len(test))
+        texts, test_labels = list(test.texts[:count]), list(test.labels[:count])
+        evaluation[name] = NeuLigTask(texts, test_labels, expert_features(encoders, texts, max_length), models[name].head)
     scratch = copy.deepcopy(encoders[0])
-    results = evaluate_neulig(router, scratch, states, evaluation, weights_from, eval_batch_size, max_length)
-    return NeuLigReport(router, results)
+    variants = {rule: evaluate_neulig(router, scratch, states, evaluation, rule, eval_batch_size, max_length)
+                for rule in rules}  # fmt: skip
+    return NeuLigReport(router, variants)

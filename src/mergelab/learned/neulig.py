@@ -157,21 +157,28 @@ def merge_vs_ensemble(
     encode: Callable[[State, Any], torch.Tensor],
     head: nn.Module,
     weights_from: WeightsFrom = "first",
-) -> dict[str, float]:
-    """Ensembling and merging accuracy (and ensemble − merge gap) on one task's batches of
+) -> dict[str, Any]:
+    """Ensembling and merging accuracy (and ensemble − merge gap), the mean largest merge weight ``top_weight`` and
+    the mean merge weights per expert, on one task's batches of
     (expert features K × [B, d], raw inputs, labels [B]); ``encode(θ, inputs)`` runs the encoder with weights θ."""
     correct_ensemble = correct_merge = total = 0
+    used_weights = []
     with torch.no_grad():
         for feats, inputs, labels in batches:
             ensemble = head(ensemble_features(router(feats), feats))
-            merged = head(encode(merge_states(states, batch_weights(router, feats, weights_from)), inputs))
+            weights = batch_weights(router, feats, weights_from)
+            merged = head(encode(merge_states(states, weights), inputs))
             correct_ensemble += int((ensemble.argmax(-1) == labels).sum())
             correct_merge += int((merged.argmax(-1) == labels).sum())
             total += len(labels)
+            used_weights.append(weights)
     if total == 0:
         raise DataError("NeuLig evaluation got no test items")
     ensemble_acc, merge_acc = correct_ensemble / total, correct_merge / total
-    return {"ensemble": ensemble_acc, "merge": merge_acc, "gap": ensemble_acc - merge_acc}
+    stacked = torch.stack(used_weights)
+    return {"ensemble": ensemble_acc, "merge": merge_acc, "gap": ensemble_acc - merge_acc,
+            "top_weight": float(stacked.max(1).values.mean()),  # 1.0 = the merge is one expert (pitfall 3)
+            "mean_weights": stacked.mean(0).tolist()}  # fmt: skip
 
 
 @dataclass
@@ -199,7 +206,7 @@ def evaluate_neulig(
     weights_from: WeightsFrom = "first",
     batch_size: int = 16,
     max_length: int = 64,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Per task: ensembling accuracy, merging accuracy and their gap, on consecutive batches of ``batch_size`` items
     in data order. ``encoder`` is a scratch ``TextEncoder`` of the experts' architecture (its weights are replaced
     batch by batch); ``states`` are the K experts' encoder state dicts in its layout."""
