@@ -172,11 +172,17 @@ def test_config_validation_errors_name_the_problem(tmp_path, change, message):
         load_experiment_config(path)
 
 
-def test_demo_config_is_valid():
-    from mergelab.bench.config import demo_config
+def test_builtin_configs_are_valid():
+    from mergelab.bench.config import builtin_config, demo_config
 
     cfg = demo_config()
     assert isinstance(cfg, ExperimentConfig) and len(cfg.tasks) == 4 and cfg.seeds == 5
+    full = builtin_config("full")
+    assert {m.name for m in cfg.methods} < {m.name for m in full.methods}
+    assert "surgery" in full.protocols and full.multitask and full.neulig is not None
+    assert {"tall_consensus", "adamerging", "regmean", "fisher"} <= {m.name for m in full.methods}
+    with pytest.raises(ConfigError, match="built in: demo, full"):
+        builtin_config("fulll")
 
 
 def test_config_protocol_names_match_the_protocol_registry():

@@ -277,15 +277,16 @@ def eval_command(
 @app.command("bench")
 @friendly_errors
 def bench_command(
-    config: Path = typer.Argument(..., help="experiment YAML (see configs/demo.yaml)"),
+    config: str = typer.Argument(..., help="experiment YAML, or a built-in one: 'demo' or 'full'"),
     out: Path = typer.Option(..., "--out", help="run folder: results store, results.csv, report"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="experts and features cache (default: XDG cache)"),
 ) -> None:
     """Run (or resume) an experiment: experts, merges with validation-chosen grids, protocols, report."""
-    from mergelab.bench.config import load_experiment_config
+    from mergelab.bench.config import BUILTIN_CONFIGS, builtin_config, load_experiment_config
     from mergelab.bench.runner import run_benchmark
 
-    cfg = load_experiment_config(config)
+    is_builtin = config in BUILTIN_CONFIGS and not Path(config).exists()
+    cfg = builtin_config(config) if is_builtin else load_experiment_config(config)
     report = run_benchmark(cfg, out, cache_dir, log=lambda msg: typer.echo(msg, err=True))
     _print_main_table(out)
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")

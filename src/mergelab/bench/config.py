@@ -133,13 +133,20 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
     return cfg
 
 
-def demo_config() -> ExperimentConfig:
-    """The embedded default experiment (``mergelab/bench/configs/demo.yaml``)."""
+BUILTIN_CONFIGS = ("demo", "full")
+
+
+def builtin_config(name: str) -> ExperimentConfig:
+    """An embedded experiment: ``demo`` (the default job) or ``full`` (every method and protocol)."""
     from importlib.resources import files
 
-    import yaml
+    from mergelab.errors import ConfigError
 
-    from mergelab.config import validate_config
+    if name not in BUILTIN_CONFIGS:
+        raise ConfigError(f"no built-in experiment '{name}'; built in: {', '.join(BUILTIN_CONFIGS)} (or a YAML path)")
+    return load_experiment_config(Path(str(files("mergelab.bench").joinpath(f"configs/{name}.yaml"))))
 
-    text = files("mergelab.bench").joinpath("configs/demo.yaml").read_text()
-    return validate_config(yaml.safe_load(text), ExperimentConfig, "demo.yaml")
+
+def demo_config() -> ExperimentConfig:
+    """The embedded default experiment (``mergelab/bench/configs/demo.yaml``)."""
+    return builtin_config("demo")
