@@ -104,6 +104,12 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     assert (run / "fig7_surgery.png").exists()  # FT-Classifier vs Surgery (the paper's Figure 7)
     assert "| Multi-task learning |" in text and "## NeuLig: merging vs ensembling" in text
     assert "| merge-first |" in text and "## What the data-dependent merges learned" in text
+    assert "## Figure 7: FT-Classifier vs Representation Surgery" in text
+    surgery_shots = {(r["seed"], r["shots"]) for r in rows if r["protocol"] == "surgery" and r["method"] == "ties"}
+    assert surgery_shots == {(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)}  # every input, and k × C inputs per (seed, k)
+    neulig_avg = {m: agg[("neulig", m, "current", 0)]["Avg"].mean for m in ("ensemble", "merge-first")}
+    gap_line = next(x for x in text.splitlines() if x.startswith("| merge-first |"))
+    assert f"{100 * (neulig_avg['ensemble'] - neulig_avg['merge-first']):+.2f}" in gap_line  # the gap in points
     again = build_report(run)  # rebuilding from the store gives the same Markdown
     assert again["markdown"].read_text() == text
 

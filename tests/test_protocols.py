@@ -430,6 +430,20 @@ def test_surgery_reduces_l1_and_improves_accuracy(toy: Toy, lower: float):
     assert few.extras["samples"] == 12 and few.extras["l1_after"] < few.extras["l1_before"]
     again = run_protocol("surgery", toy.ctx(), seed=0, samples=12, steps=200)
     assert few.extras == again.extras
+    classes = toy.ctx().head.out_features
+    shot = run_protocol("surgery", toy.ctx(), seed=1, samples_per_class=2, steps=50)  # FT-Classifier's k × C
+    assert shot.extras["samples"] == 2 * classes
+    with pytest.raises(ConfigError, match="not both"):
+        run_protocol("surgery", toy.ctx(), samples=4, samples_per_class=2)
+
+
+def test_surgery_cells_cover_every_input_and_each_shot_count():
+    from mergelab.evaluate.api import expand_cells
+
+    cells = expand_cells(["surgery", "current"], shots=[1, 5], seeds=2, transforms=[])
+    surgery = [(seed, k, options) for name, _, options, seed, k in cells if name == "surgery"]
+    assert surgery == [(0, 0, {}), (0, 1, {"samples_per_class": 1}), (0, 5, {"samples_per_class": 5}),
+                       (1, 1, {"samples_per_class": 1}), (1, 5, {"samples_per_class": 5})]  # fmt: skip
 
 
 def test_surgery_adapter_init():

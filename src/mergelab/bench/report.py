@@ -213,30 +213,64 @@ def figure_shots(rows: list[dict[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
+def surgery_series(rows: list[dict[str, Any]]) -> tuple[list[str], list[int], dict[tuple[str, str, int], float]]:
+    """(methods, shot counts, {(method, protocol, k): average accuracy}) for FT-Classifier vs Surgery; k = 0 is
+    Surgery on every eval input."""
+    agg = aggregate(rows)
+    methods = [m for m in method_order(rows) if ("merged", m, "surgery", 0) in agg]
+    shots = sorted({k[3] for k in agg if k[2] == "surgery" and k[3] > 0})
+    values = {(m, p, k): agg[("merged", m, p, k)]["Avg"].mean for m in methods for p in ("ft_classifier", "surgery")
+              for k in [0, *shots] if ("merged", m, p, k) in agg and "Avg" in agg[("merged", m, p, k)]}  # fmt: skip
+    return methods, shots, values
+
+
 def figure_surgery(rows: list[dict[str, Any]]) -> bytes | None:
-    """Figure 7: FT-Classifier (k unlabelled samples per class) beside Representation Surgery, per method."""
+    """Figure 7: FT-Classifier and Representation Surgery against the number of unlabelled samples (k per class),
+    averaged over the merged models (thin lines: each model), with Surgery on every test input for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agg = aggregate(rows)
-    methods = [m for m in method_order(rows) if ("merged", m, "surgery", 0) in agg]
+    methods, shots, values = surgery_series(rows)
     if not methods:
         return None
-    shots = sorted({k[3] for k in agg if k[2] == "ft_classifier"})
-    bars = [("current", 0, "Current"), *[("ft_classifier", k, f"FT-Classifier {k}-shot") for k in shots],
-            ("surgery", 0, "Surgery †")]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(methods) * len(bars) / 3), 4))
-    width = 0.8 / len(bars)
-    for j, (protocol, k, label) in enumerate(bars):
-        values = [100 * agg.get(("merged", m, protocol, k), {}).get("Avg", Cell(math.nan, 0, 0)).mean for m in methods]
-        ax.bar([i + j * width for i in range(len(methods))], values, width, label=label)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    styles = {"ft_classifier": ("C0", "FT-Classifier"), "surgery": ("C3", "Surgery †")}
+    for protocol, (color, label) in styles.items():
+        for method in methods:
+            ys = [100 * values.get((method, protocol, k), math.nan) for k in shots]
+            ax.plot(shots, ys, color=color, alpha=0.2, linewidth=0.8)
+        means = [100 * mean(values[(m, protocol, k)] for m in methods if (m, protocol, k) in values) if any(
+            (m, protocol, k) in values for m in methods) else math.nan for k in shots]  # fmt: skip
+        ax.plot(shots, means, color=color, marker="o", linewidth=2, label=f"{label} (mean over models)")
+    full = [values[(m, "surgery", 0)] for m in methods if (m, "surgery", 0) in values]
+    if full:
+        ax.axhline(100 * mean(full), color="C3", linestyle=":", label="Surgery † on every test input")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_xlabel("unlabelled samples per class (k)")
     ax.set_ylabel("average accuracy (%)")
-    ax.set_title("FT-Classifier vs Representation Surgery († transductive)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("FT-Classifier vs Representation Surgery at equal sample counts")
+    ax.legend(fontsize=7)
     return _png(fig)
+
+
+def surgery_table(rows: list[dict[str, Any]]) -> str:
+    """Figure 7's numbers: per merged model, FT-Classifier / Surgery at each k, and Surgery on every test input."""
+    methods, shots, values = surgery_series(rows)
+    if not methods:
+        return ""
+    lines = []
+    for method in methods:
+        cells = []
+        for k in shots:
+            ft, sg = values.get((method, "ft_classifier", k)), values.get((method, "surgery", k))
+            cells.append(f"{100 * ft:.1f} / {100 * sg:.1f}" if ft is not None and sg is not None else "–")
+        full = values.get((method, "surgery", 0))
+        lines.append([method, *cells, f"{100 * full:.1f}" if full is not None else "–"])
+    header = ["model", *[f"k={k}: FT-Cl / Surgery †" for k in shots], "Surgery † (all test inputs)"]
+    return markdown_table(header, lines)
 
 
 def figure_tsne(run_dir: Path) -> bytes | None:
@@ -297,6 +331,10 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     ]
     if other:
         sections += ["## Every protocol (average over tasks)", other]
+    surgery = surgery_table(rows)
+    if surgery:
+        sections += ["## Figure 7: FT-Classifier vs Representation Surgery (average accuracy %, equal unlabelled "
+                     "samples: k per class × classes)", surgery]
     neulig = neulig_table(rows, tasks)
     if neulig:
         sections += ["## NeuLig: merging vs ensembling (router trained on the experts' train features)", neulig]
@@ -336,7 +374,7 @@ def neulig_table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
         extras = [r["extras"] for r in rows if (r["model"], r["method"], r["protocol"], r["shots"]) == key]
         gap = top = "–"
         if key[1] != "ensemble" and "Avg" in cells and "Avg" in ensemble:
-            gap = f"{ensemble['Avg'].mean - cells['Avg'].mean:+.2f}"
+            gap = f"{100 * (ensemble['Avg'].mean - cells['Avg'].mean):+.2f}"
             tops = [float(e["top_weight"]) for e in extras if isinstance(e, dict) and "top_weight" in e]
             top = f"{mean(tops):.3f}" if tops else "–"
         lines.append([key[1], *[cells[t].text() if t in cells else "–" for t in tasks],

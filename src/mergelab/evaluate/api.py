@@ -17,7 +17,8 @@ DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
 
 def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int,
                  transforms: Sequence[str]) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
-    """(stored name, protocol, options, seed, shots) for every cell; deterministic protocols run once."""
+    """(stored name, protocol, options, seed, shots) for every cell; deterministic protocols run once (Surgery
+    also runs per seed and shot count on k × C inputs)."""
     from mergelab.evaluate.protocols.common import get_protocol
 
     cells = []
@@ -25,6 +26,9 @@ def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int,
         info = get_protocol(protocol)
         if protocol == "aligned":
             cells += [(f"aligned:{t}", "aligned", {"transform": t}, 0, 0) for t in transforms]
+        elif protocol == "surgery":  # on every eval input, and on k × C of them (FT-Classifier's count, Figure 7)
+            cells.append((protocol, protocol, {}, 0, 0))
+            cells += [(protocol, protocol, {"samples_per_class": k}, seed, k) for seed in range(seeds) for k in shots]
         elif info.deterministic:
             cells.append((protocol, protocol, {}, 0, 0))
         else:

@@ -7,8 +7,9 @@ the identity), rank r = 16. Loss: mean L1 between z̃ and the fine-tuned encoder
 Reference schedule: Adam(lr 1e-3, betas 0.9/0.999, wd 0), 500 iterations × 2 optimiser steps per task, batch
 16 = 1000 steps of batch 16 (default ``steps=1000``, ``batch_size=16``); batches are drawn from shuffled
 passes over the unlabelled set (reshuffled each pass). ``samples`` limits how many eval inputs the adapter may
-see (drawn uniformly, seeded; the paper's Figure 7 compares it with FT-Classifier at small sample counts); all
-eval items are scored. ``seed`` drives D's initialisation, the sample draw and the batch order.
+see (drawn uniformly, seeded); ``samples_per_class`` = k means k × C of them (C = the head's classes), the number
+of unlabelled inputs FT-Classifier gets at k shots, so the paper's Figure 7 compares the two at equal counts.
+All eval items are scored. ``seed`` drives D's initialisation, the sample draw and the batch order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergelab.errors import ConfigError
 from mergelab.evaluate.fewshot import derive_seed, sample_count
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,
@@ -82,13 +84,14 @@ def surgery(
     seed: int = 0,
     shots: int = 0,
     samples: int | None = None,
+    samples_per_class: int | None = None,
     rank: int = 16,
     steps: int = 1000,
     batch_size: int = 16,
     lr: float = 1e-3,
     **options: Any,
 ) -> ProtocolOutcome:
-    """Representation Surgery on the eval split (transductive); ``shots`` is ignored."""
+    """Representation Surgery on the eval split (transductive); ``shots`` is ignored (see ``samples_per_class``)."""
     reject_unknown_options("surgery", options, surgery)
     for name, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size)):
         positive("surgery", name, value, integer=True)
@@ -99,6 +102,12 @@ def surgery(
     )
     source, target = merged_split.features.float(), finetuned_split.features.float()
     index = torch.arange(len(source))
+    if samples_per_class is not None:
+        if samples is not None:
+            raise ConfigError("surgery: give samples or samples_per_class, not both")
+        positive("surgery", "samples_per_class", samples_per_class, integer=True)
+        with torch.no_grad():
+            samples = samples_per_class * int(head_logits(ctx.head, source[:1]).shape[1])
     if samples is not None:
         index = sample_count(
             len(source),
