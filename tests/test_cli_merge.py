@@ -66,6 +66,10 @@ def test_methods_lists_every_method_with_params():
         assert name in result.output
     for param in ("density", "scope", "disjoint", "drop_rate", "rank_ratio", "energy"):
         assert param in result.output
+    for name in ("regmean", "fisher", "fisher_batch", "adamerging", "tall_consensus", "label_mode", "lambdas"):
+        assert name in result.output  # the data-dependent methods and their parameters too
+    flat = " ".join(result.output.split())  # rich wraps long lines
+    assert "reads labelled validation data" in flat and "reads unlabelled test inputs, transductive" in flat
 
 
 def _no_output(tmp_path, out):

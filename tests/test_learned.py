@@ -444,9 +444,10 @@ def test_registry_lists_methods_and_reports_bad_names_and_values():
         build_data_method("regmean", {"alpha": 1.5})
     with pytest.raises(ConfigError, match=r"label_mode='exact'.*one of expected \| sampled"):
         build_data_method("fisher", {"label_mode": "exact"})
-    from mergelab.learned.registry import DATA_METHODS, TRANSDUCTIVE
+    from mergelab.learned.registry import get_data_method
 
-    assert TRANSDUCTIVE == {"adamerging"} and DATA_METHODS["regmean"][2].startswith("RegMean")
+    assert {r["name"] for r in list_data_methods() if r["transductive"]} == {"adamerging"}
+    assert get_data_method("tall_consensus").split == "validation" and get_data_method("regmean").split == "train"
 
 
 def test_merge_with_data_checks_tasks_and_labels(family):

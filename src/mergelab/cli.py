@@ -203,15 +203,18 @@ def methods_command() -> None:
             table.add_row(row["name"], row["type"], row["default"], row["range"], row["doc"])
         console.print(table)
         console.print()
-    from mergelab.learned.registry import DATA_METHODS
+    from mergelab.learned.registry import list_data_methods
 
-    for name, (params_cls, _, summary) in DATA_METHODS.items():
-        console.print(f"[bold]{name}[/bold] — {summary} (data-dependent: `mergelab merge --data`, bench configs)")
+    for info in list_data_methods():
+        reads = {"train": "unlabelled train inputs", "validation": "labelled validation data",
+                 "test": "unlabelled test inputs, transductive"}[info["split"]]  # fmt: skip
+        console.print(f"[bold]{info['name']}[/bold] — {info['summary']} (data-dependent, reads {reads}: "
+                      "`mergelab merge --data`, bench configs)")  # fmt: skip
         table = Table(show_header=True, header_style="dim", box=None, pad_edge=False)
-        for column in ("param", "default", "doc"):
+        for column in ("param", "type", "default", "range", "doc"):
             table.add_column(column)
-        for key, info in params_cls.model_fields.items():
-            table.add_row(key, repr(info.default), info.description or "")
+        for row in info["params"]:
+            table.add_row(row["name"], row["type"], row["default"], row["range"], row["doc"])
         console.print(table)
         console.print()
 

@@ -1,16 +1,13 @@
 """The one list of data-dependent merging methods, validated like the weight-space methods.
 
-``build_data_method(name, params)`` is the entry point; ``data_method_names``, ``validate_data_params``,
-``run_data_method``, ``DATA_METHODS`` and ``TRANSDUCTIVE`` keep the older call sites (CLI, benchmark) working.
+``build_data_method(name, params)`` is the entry point; ``list_data_methods`` describes them (``mergelab methods``),
+``validate_data_params`` checks a config before any work. ``mergelab.learned.api.merge_with_data`` runs one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from mergelab.errors import ConfigError
@@ -92,39 +89,3 @@ def list_data_methods() -> list[dict[str, Any]]:
 def validate_data_params(name: str, params: dict[str, Any] | None) -> MethodParams:
     """The validated parameters of method ``name`` (raises ``ConfigError`` like ``build_data_method``)."""
     return build_data_method(name, params).params
-
-
-def run_data_method(
-    name: str,
-    params: dict[str, Any] | None,
-    base: str | Path,
-    experts: Sequence[str | Path],
-    texts: Sequence[Sequence[str]],
-    max_length: int = 64,
-    test_texts: Sequence[Sequence[str]] | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Merge HF classifier folders from plain text lists: each task's unlabelled train ``texts``, or its
-    ``test_texts`` for transductive methods. Methods that select on labelled validation data need
-    ``mergelab.learned.api.merge_with_data`` instead."""
-    from mergelab.learned.api import expert_set_from_texts
-
-    method = build_data_method(name, params)
-    if method.split == "validation":
-        raise ConfigError(f"method '{name}' needs labelled validation data; call mergelab.learned.api.merge_with_data")
-    if method.split == "test" and test_texts is None:
-        raise ConfigError(f"method '{name}' learns on unlabelled test inputs; pass each task's test texts")
-    method.check_count(len(experts))
-    chosen = test_texts if method.split == "test" else texts
-    expert_set = expert_set_from_texts(base, experts, chosen, max_length=max_length, batch_size=batch_size, seed=seed)
-    return method.merge(expert_set)
-
-
-def __getattr__(name: str) -> Any:
-    """``DATA_METHODS`` ({name: (Params, class, summary)}) and ``TRANSDUCTIVE`` (a frozenset), computed on access."""
-    if name == "DATA_METHODS":
-        return {n: (cls.Params, cls, cls.summary) for n, cls in data_method_classes().items()}
-    if name == "TRANSDUCTIVE":
-        return frozenset(n for n, cls in data_method_classes().items() if cls.transductive)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
