@@ -366,6 +366,33 @@ def test_tall_consensus_end_to_end(family):
         merge_with_data("tall_consensus", base, {"task0": finetuned["task0"]}, tasks)
 
 
+def test_tall_consensus_memo_reuses_the_masks_across_scales(family, monkeypatch):
+    from mergelab.learned import tall_masks as tall_module
+
+    base, finetuned, tasks = family
+    calls = []
+    real = tall_module.compute_tall_masks
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tall_module, "compute_tall_masks", counting)
+    memo: dict = {}
+    first = merge_with_data("tall_consensus", base, finetuned, tasks, scale=0.5, memo=memo)
+    second = merge_with_data("tall_consensus", base, finetuned, tasks, scale=1.0, memo=memo)
+    assert len(calls) == 1  # the masks depend on the models, data and λ grid, not on α
+    fresh = merge_with_data("tall_consensus", base, finetuned, tasks, scale=1.0)
+    _close_states(second, fresh, atol=0.0)
+    base_state = _encoder_state(base)
+    for name in first:  # θ₀ + α·M⊙τ: the α = 0.5 update is half the α = 1 update
+        if first[name].is_floating_point():
+            torch.testing.assert_close(first[name] - base_state[name], 0.5 * (second[name] - base_state[name]))
+    assert len(calls) == 2  # without a memo the masks are computed again
+    merge_with_data("tall_consensus", base, finetuned, tasks, lambdas=(0.3,), memo=memo)
+    assert len(calls) == 3  # a different λ grid is another entry
+
+
 # ------------------------------------------------------------------------------------------------- NeuLig
 
 

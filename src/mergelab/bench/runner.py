@@ -48,6 +48,7 @@ class RunContext:
     experts: dict[str, Expert] = field(default_factory=dict)
     feature_cache: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    merge_memo: dict[Any, Any] = field(default_factory=dict)  # data methods' reusable results across grid values
 
 
 def resolve_base(base: str) -> Path:
@@ -208,7 +209,7 @@ def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) ->
                 info: dict[str, Any] = {}
                 state = merge_with_data(spec.name, ctx.base_path, {n: e.path for n, e in ctx.experts.items()},
                                         {n: ctx.tasks[n] for n in ctx.experts}, max_length=ctx.cfg.eval_max_length,
-                                        info=info, **params)  # fmt: skip
+                                        info=info, memo=ctx.merge_memo, **params)  # fmt: skip
                 record_learned(ctx, spec, params, info)
             else:
                 state = mergelab.merge(spec.name, ctx.base_path, [e.path for e in ctx.experts.values()], **params)
@@ -442,6 +443,7 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
             feats = {n: encoder_features(ctx, encoder, fingerprint, t, _present(ctx, n, ("train", "test")))
                      for n, t in ctx.eval_tasks.items()}  # fmt: skip
             evaluate_subject(ctx, subject, feats, protocols, finetuned, None, ft_test_acc)
+            ctx.merge_memo.clear()  # memos serve one method's grid only
             if spec.display == (cfg.tsne_method or cfg.methods[0].display):
                 save_tsne(ctx, finetuned, feats)
         ctx.timings["total"] = time.perf_counter() - started

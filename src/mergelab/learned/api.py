@@ -72,6 +72,7 @@ def load_expert_set(
     max_length: int = 64,
     batch_size: int = 32,
     seed: int = 0,
+    memo: dict[Any, Any] | None = None,
 ) -> ExpertSet:
     """Load every fine-tuned model (its head's labels checked against its task) with its task's ``split`` inputs."""
     base_path = _check_base(base)
@@ -89,7 +90,7 @@ def load_expert_set(
         experts.append(
             ExpertInput(name, model, Path(path), list(part.texts), list(part.labels) if with_labels else None)
         )
-    return ExpertSet(base_path, experts, max_length=max_length, batch_size=batch_size, seed=seed)
+    return ExpertSet(base_path, experts, max_length=max_length, batch_size=batch_size, seed=seed, memo=memo)
 
 
 def expert_set_from_texts(
@@ -124,6 +125,7 @@ def merge_with_data(
     seed: int = 0,
     force: bool = False,
     info: dict[str, Any] | None = None,
+    memo: dict[Any, Any] | None = None,
     **params: Any,
 ) -> State | Path:
     """Merge ``finetuned`` with the data-dependent ``method`` and its ``params``.
@@ -131,6 +133,8 @@ def merge_with_data(
     Returns the merged encoder state dict (base layout: every float encoder tensor merged, integer buffers from the
     base, heads not included), or writes it atomically to ``out`` (safetensors + the base's config and tokenizer)
     and returns the path. ``info``, if given, receives what the method learned or chose (coefficients, λ_t, ...).
+    ``memo``: a dict the caller keeps across calls on the same models and data (e.g. a grid over ``scale``); a
+    method stores there what does not depend on every parameter (TALL masks), so the next call skips it.
     """
     from mergelab.io.writer import check_target, save_state_dict
 
@@ -139,7 +143,7 @@ def merge_with_data(
     if out is not None:
         check_target(Path(out), force)
     experts = load_expert_set(
-        base, finetuned, data, merge_method.split, merge_method.needs_labels, max_length, batch_size, seed
+        base, finetuned, data, merge_method.split, merge_method.needs_labels, max_length, batch_size, seed, memo
     )
     state = merge_method.merge(experts)
     if info is not None:

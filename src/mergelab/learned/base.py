@@ -48,6 +48,7 @@ class ExpertSet:
     max_length: int = 64
     batch_size: int = 32
     seed: int = 0
+    memo: dict[Any, Any] | None = None  # caller-owned store for results that do not depend on every parameter
 
     @property
     def tasks(self) -> list[str]:

@@ -188,7 +188,12 @@ class TallConsensus(DataMergeMethod):
 
     def merge(self, experts: ExpertSet) -> State:
         p = self.params
-        result = compute_tall_masks(experts, p.lambdas, p.base_merge, p.density)
+        key = ("tall_masks", tuple(str(e.path) for e in experts.experts), tuple(experts.tasks), p.lambdas,
+               p.base_merge, p.density, experts.max_length)  # fmt: skip
+        memo = experts.memo if experts.memo is not None else {}
+        if key not in memo:  # the masks and λ_t do not depend on min_tasks or scale
+            memo[key] = compute_tall_masks(experts, p.lambdas, p.base_merge, p.density)
+        result = memo[key]
         mask = consensus_mask(list(result.masks.values()), p.min_tasks)
         kept = sum(int(m.sum()) for m in mask.values())
         total = sum(m.numel() for m in mask.values())
