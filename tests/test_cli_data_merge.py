@@ -102,3 +102,25 @@ def test_bad_cli_input_is_one_clear_line_and_writes_nothing(family, tmp_path):
                                     "--data", str(folders["task0"]), "--data", str(folders["task1"])])  # fmt: skip
     assert bad_param.exit_code == 1 and "min_tasks" in bad_param.output
     assert not out.exists()
+
+
+def test_neulig_from_the_cli_prints_and_writes_merge_vs_ensemble(family, tmp_path):
+    import json
+
+    _, finetuned, folders = family
+    out = tmp_path / "neulig.json"
+    args = ["neulig", "--steps", "5", "--train-examples", "8", "--test-examples", "8", "--eval-batch-size", "4",
+            "--out", str(out)]  # fmt: skip
+    for task in finetuned:
+        args += ["--model", f"{task}={finetuned[task]}", "--data", f"{task}={folders[task]}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "gap (first)" in result.output and "average" in result.output
+    written = json.loads(out.read_text())
+    assert set(written["variants"]) == {"first", "mean"} and set(written["variants"]["mean"]) == {"task0", "task1"}
+    row = written["variants"]["first"]["task0"]
+    assert row["gap"] == pytest.approx(row["ensemble"] - row["merge"])
+    bad = CliRunner().invoke(app, ["neulig", "--model", f"task0={finetuned['task0']}", "--data", str(folders["task0"])])
+    assert bad.exit_code == 1 and "either name every" in bad.output
+    rule = CliRunner().invoke(app, [*args, "--weights-from", "last"])
+    assert rule.exit_code == 1 and "weights_from" in rule.output

@@ -321,6 +321,47 @@ def demo_command(
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
 
 
+@app.command("neulig")
+@friendly_errors
+def neulig_command(
+    model: list[str] = typer.Option(None, "--model", help="a fine-tuned classifier as TASK=PATH; repeat per task"),
+    data: list[str] = typer.Option(None, "--data", help="its task's data folder as TASK=PATH (train + test)"),
+    loss: str = typer.Option("ce", "--loss", help="ce (labelled train data) or entropy (unlabelled)"),
+    steps: int = typer.Option(300, "--steps", help="router training rounds (one batch per task each)"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    train_examples: int = typer.Option(512, "--train-examples", help="train inputs per task for the router"),
+    test_examples: int = typer.Option(None, "--test-examples", help="first N test items per task (default: all)"),
+    weights_from: str = typer.Option("first,mean", "--weights-from", help="merge weights of a test batch: first, mean"),
+    eval_batch_size: int = typer.Option(16, "--eval-batch-size", help="test items per merged model"),
+    max_length: int = typer.Option(64, "--max-length"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(None, "--out", help="also write the per-task results as JSON (atomically)"),
+) -> None:
+    """NeuLig: train the router over the experts' features, then compare merging with ensembling per task."""
+    from mergelab.io.writer import atomic_write_text
+    from mergelab.learned.api import neulig_with_data
+
+    finetuned, folders = pair_models_with_data(model or [], data or [])
+    rules = [r.strip() for r in weights_from.split(",") if r.strip()]
+    report = neulig_with_data(finetuned, folders, loss=loss, steps=steps, lr=lr,  # type: ignore[arg-type]
+                              train_examples=train_examples, weights_from=rules, eval_batch_size=eval_batch_size,
+                              test_examples=test_examples, max_length=max_length, seed=seed)  # fmt: skip
+    table = Table(title="NeuLig: accuracy (%) on test; gap = ensemble − merge (points)")
+    for column in ("task", "ensemble", *[f"merge ({r})" for r in rules], *[f"gap ({r})" for r in rules]):
+        table.add_column(column)
+    tasks = list(report.results)
+    for task in [*tasks, "average"]:
+        rows = {r: (report.variants[r][task] if task != "average" else report.average_of(r)) for r in rules}
+        first = rows[rules[0]]
+        table.add_row(task, f"{100 * first['ensemble']:.1f}", *[f"{100 * rows[r]['merge']:.1f}" for r in rules],
+                      *[f"{100 * rows[r]['gap']:+.2f}" for r in rules])  # fmt: skip
+    _console().print(table)
+    if out is not None:
+        atomic_write_text(out, json.dumps({"variants": report.variants, "average": {r: report.average_of(r)
+                                                                                    for r in rules}}, indent=1))
+        typer.echo(f"results: {out}")
+
+
 @app.command("vision-bench")
 @friendly_errors
 def vision_bench_command(
