@@ -258,7 +258,7 @@ def protocol_cells(cfg: ExperimentConfig, protocols: list[str]) -> list[tuple[st
 
     return [
         (stored, protocol, {**cfg.protocol_options.get(protocol, {}), **options}, seed, shots)
-        for stored, protocol, options, seed, shots in expand_cells(protocols, cfg.shots, cfg.seeds, cfg.transforms)
+        for stored, protocol, options, seed, shots in expand_cells(protocols, cfg.shots, cfg.seeds, cfg.transforms, cfg.protocol_options)
     ]
 
 

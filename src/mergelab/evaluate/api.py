@@ -15,10 +15,11 @@ PathLike = str | os.PathLike[str]
 DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
 
 
-def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int,
-                 transforms: Sequence[str]) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
+def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int, transforms: Sequence[str],
+                 protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
+                 ) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
     """(stored name, protocol, options, seed, shots) for every cell; deterministic protocols run once (Surgery
-    also runs per seed and shot count on k × C inputs)."""
+    also runs per seed and shot count on k × C inputs, unless ``protocol_options`` fix its ``samples``)."""
     from mergelab.evaluate.protocols.common import get_protocol
 
     cells = []
@@ -28,7 +29,8 @@ def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int,
             cells += [(f"aligned:{t}", "aligned", {"transform": t}, 0, 0) for t in transforms]
         elif protocol == "surgery":  # on every eval input, and on k × C of them (FT-Classifier's count, Figure 7)
             cells.append((protocol, protocol, {}, 0, 0))
-            cells += [(protocol, protocol, {"samples_per_class": k}, seed, k) for seed in range(seeds) for k in shots]
+            if "samples" not in (protocol_options or {}).get(protocol, {}):
+                cells += [(protocol, protocol, {"samples_per_class": k}, seed, k) for seed in range(seeds) for k in shots]
         elif info.deterministic:
             cells.append((protocol, protocol, {}, 0, 0))
         else:
@@ -88,7 +90,7 @@ def evaluate(
         return cache.features(enc, fp, task, splits=splits, max_length=max_length, batch_size=batch_size)
 
     rows = []
-    cells = expand_cells(protocols, shots, seeds, transforms)
+    cells = expand_cells(protocols, shots, seeds, transforms, protocol_options)
     for name, task in tasks.items():
         ft = feats(experts[name].encoder, expert_fp[name], task)
         mg = feats(encoder, merged_fp, task)
