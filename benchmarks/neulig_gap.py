@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mergelab.bench.config import demo_config
-from mergelab.bench.runner import RunContext, default_cache_dir, load_tasks, resolve_base, train_experts
+from mergelab.bench.runner import experts_context
 from mergelab.io.writer import atomic_write_text
 from mergelab.learned.base import sample_indices
 from mergelab.learned.neulig import NeuLigTask, evaluate_neulig, expert_features, standardized_xi, train_router
@@ -34,10 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = demo_config()
     torch.set_num_threads(cfg.threads)
-    ctx = RunContext(cfg, Path("."), default_cache_dir(), None, lambda message: None)  # type: ignore[arg-type]
-    ctx.base_path = resolve_base(cfg.base)
-    ctx.tasks = load_tasks(cfg)
-    train_experts(ctx)  # cached: loads the demo's experts
+    ctx = experts_context(cfg)  # the demo's experts, from the cache
     started = time.perf_counter()
     models = {n: load_task_model(e.path, label_names=ctx.tasks[n].label_names) for n, e in ctx.experts.items()}
     encoders = [m.encoder.float().eval() for m in models.values()]

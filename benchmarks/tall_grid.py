@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from mergelab.bench.config import demo_config
-from mergelab.bench.runner import RunContext, default_cache_dir, load_tasks, resolve_base, train_experts
+from mergelab.bench.runner import experts_context
 from mergelab.learned.api import merge_with_data
 
 
@@ -24,10 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = demo_config()
     torch.set_num_threads(cfg.threads)
-    ctx = RunContext(cfg, Path("."), default_cache_dir(), None, lambda message: None)  # type: ignore[arg-type]
-    ctx.base_path = resolve_base(cfg.base)
-    ctx.tasks = load_tasks(cfg)
-    train_experts(ctx)  # cached: loads the demo's experts
+    ctx = experts_context(cfg)  # the demo's experts, from the cache
     finetuned = {n: e.path for n, e in ctx.experts.items()}
     scales = [float(s) for s in args.scales.split(",")]
     timings = {}

@@ -47,3 +47,21 @@ def make_family(root: Path, num_models: int = 3, seed: int = 0, noise: float = 0
 @pytest.fixture
 def family(tmp_path: Path) -> tuple[Path, list[Path]]:
     return make_family(tmp_path)
+
+
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch):
+    """``count_calls(module, "name")`` wraps ``module.name`` so each call is recorded (kwargs) in the returned list."""
+
+    def install(module: object, name: str) -> list[dict]:
+        calls: list[dict] = []
+        real = getattr(module, name)
+
+        def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls.append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+        return calls
+
+    return install

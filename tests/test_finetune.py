@@ -95,16 +95,9 @@ def test_train_size_takes_a_stratified_subset(tmp_path, base):
     assert log["examples"] == 6 and log["steps"] == 1
 
 
-def test_second_get_or_train_expert_trains_nothing(tmp_path, base, monkeypatch):
+def test_second_get_or_train_expert_trains_nothing(tmp_path, base, count_calls):
     task = make_task(per_class=4)
-    calls = []
-    real = experts.finetune_expert
-
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(experts, "finetune_expert", counting)
+    calls = count_calls(experts, "finetune_expert")
     settings = dict(FAST, epochs=1)
     path = get_or_train_expert(tmp_path / "experts", base, task, progress=False, **settings)
     stamp = (path / "model.safetensors").stat().st_mtime_ns
@@ -182,18 +175,11 @@ def test_multitask_baseline_trains_one_encoder_with_per_task_heads(tmp_path, bas
         finetune_multitask(base, [tasks[0], tasks[0]], tmp_path / "dup", progress=False)
 
 
-def test_second_get_or_train_multitask_trains_nothing_and_the_key_tracks_tasks(tmp_path, base, monkeypatch):
+def test_second_get_or_train_multitask_trains_nothing_and_the_key_tracks_tasks(tmp_path, base, count_calls):
     from mergelab.finetune.experts import get_or_train_multitask, multitask_cache_key
 
     tasks = [make_task("a", per_class=4, seed=0), make_task("b", num_classes=2, per_class=4, seed=1)]
-    calls = []
-    real = experts.finetune_multitask
-
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(experts, "finetune_multitask", counting)
+    calls = count_calls(experts, "finetune_multitask")
     settings = dict(FAST, epochs=1)
     path = get_or_train_multitask(tmp_path / "cache", base, tasks, progress=False, **settings)
     again = get_or_train_multitask(tmp_path / "cache", base, tasks, progress=False, **settings)

@@ -366,18 +366,11 @@ def test_tall_consensus_end_to_end(family):
         merge_with_data("tall_consensus", base, {"task0": finetuned["task0"]}, tasks)
 
 
-def test_tall_consensus_memo_reuses_the_masks_across_scales(family, monkeypatch):
+def test_tall_consensus_memo_reuses_the_masks_across_scales(family, count_calls):
     from mergelab.learned import tall_masks as tall_module
 
     base, finetuned, tasks = family
-    calls = []
-    real = tall_module.compute_tall_masks
-
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tall_module, "compute_tall_masks", counting)
+    calls = count_calls(tall_module, "compute_tall_masks")
     memo: dict = {}
     first = merge_with_data("tall_consensus", base, finetuned, tasks, scale=0.5, memo=memo)
     second = merge_with_data("tall_consensus", base, finetuned, tasks, scale=1.0, memo=memo)
@@ -453,6 +446,19 @@ def test_neulig_end_to_end_reports_ensemble_merge_and_gap(family):
     assert set(report.average_of("mean")) == {"ensemble", "merge", "gap", "top_weight"}
     with pytest.raises(ConfigError, match="weights_from"):
         neulig_with_data(finetuned, tasks, steps=1, weights_from="last")
+    # cached test features give the same report as the experts' own forward passes
+    from mergelab.learned.neulig import expert_features
+
+    encoders = [load_encoder(p, p) for p in finetuned.values()]
+    cached = {t: expert_features(encoders, task.splits["test"].texts) for t, task in tasks.items()}
+    same = neulig_with_data(finetuned, tasks, steps=20, lr=1e-2, batch_size=8, eval_batch_size=4,
+                            weights_from=("first", "mean"), test_examples=12, test_features=cached)  # fmt: skip
+    for rule in ("first", "mean"):
+        for task in tasks:
+            assert same.variants[rule][task]["merge"] == report.variants[rule][task]["merge"]
+            assert same.variants[rule][task]["ensemble"] == pytest.approx(report.variants[rule][task]["ensemble"])
+    with pytest.raises(DataError, match="one \\["):
+        neulig_with_data(finetuned, tasks, steps=1, test_features={t: v[:1] for t, v in cached.items()})
 
 
 # ----------------------------------------------------------------------------------------------- registry / api

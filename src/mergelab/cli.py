@@ -163,7 +163,7 @@ def _merge_with_data(method: str, base: str | None, models: list[str], data: lis
     """Data-dependent methods from the CLI: each model with its own task's data (the method reads the split it
     declares: train inputs, labelled validation, or test inputs for the transductive AdaMerging)."""
     from mergelab.errors import ConfigError
-    from mergelab.learned.api import merge_with_data
+    from mergelab.learned.api import info_as_json, merge_with_data
 
     if not base or not out:
         raise ConfigError(f"method '{method}' needs --base and --out")
@@ -175,13 +175,7 @@ def _merge_with_data(method: str, base: str | None, models: list[str], data: lis
                         info=info, **params)  # fmt: skip
     learned = {k: v for k, v in info.items() if k not in ("method",)}
     typer.echo(f"merged {len(finetuned)} model(s) with {method} -> {out}")
-    typer.echo("learned/chosen: " + json.dumps(learned, default=_jsonable, sort_keys=True)[:2000])
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+    typer.echo("learned/chosen: " + json.dumps(info_as_json(learned), sort_keys=True)[:2000])
 
 
 @app.command("methods")

@@ -174,6 +174,17 @@ def train_experts(ctx: RunContext) -> None:
         ctx.log(f"expert '{name}': {path}")
 
 
+def experts_context(cfg: ExperimentConfig, cache_dir: str | Path | None = None, log: Log = lambda message: None,
+                    ) -> RunContext:  # fmt: skip
+    """The base, tasks and experts of ``cfg`` (trained, or read from the cache) without a results store: for
+    scripts that study the experts (``benchmarks/``)."""
+    ctx = RunContext(cfg, Path("."), Path(cache_dir) if cache_dir else default_cache_dir(), None, log)  # type: ignore[arg-type]
+    ctx.base_path = resolve_base(cfg.base)
+    ctx.tasks = load_tasks(cfg)
+    train_experts(ctx)
+    return ctx
+
+
 def encoder_features(ctx: RunContext, encoder: Any, fingerprint: str, task: Any, splits: tuple[str, ...]) -> Any:
     """Features of ``encoder`` (or a lazy builder of it) on ``splits`` of ``task``, from the cache when present."""
     with _timed(ctx, "features"):
@@ -220,9 +231,10 @@ def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) ->
 
 def record_learned(ctx: RunContext, spec: MethodSpec, params: dict[str, Any], info: dict[str, Any]) -> None:
     """Store what a data-dependent merge learned or chose (coefficients, λ_t, ...) for the report."""
+    from mergelab.learned.api import info_as_json
+
     learned = ctx.store.get_meta("learned", {})
-    entry = json.loads(json.dumps(info, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-    learned[f"{spec.display} {params_json(params)}"] = entry
+    learned[f"{spec.display} {params_json(params)}"] = info_as_json(info)
     ctx.store.set_meta("learned", learned)
 
 
@@ -496,12 +508,18 @@ def evaluate_neulig_router(ctx: RunContext, finetuned_accuracy: dict[str, float]
                              seed=spec.seed, shots=0, split="test") for m in methods for t in ctx.tasks}  # fmt: skip
     if all(ctx.store.has(k) for k in keys.values()):
         return
+    test_features = {  # each expert on each task's test split: already cached for the ensemble protocol
+        n: [encoder_features(ctx, e.encoder, e.fingerprint, ctx.eval_tasks[n], ("test",)).split("test").features
+            for e in ctx.experts.values()]
+        for n in ctx.tasks
+    }  # fmt: skip
     with _timed(ctx, "neulig"):
         report = neulig_with_data(
             {n: e.path for n, e in ctx.experts.items()}, {n: ctx.tasks[n] for n in ctx.experts}, loss=spec.loss,
             steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, train_examples=spec.train_examples,
             weights_from=spec.weights_from, eval_batch_size=spec.eval_batch_size, test_examples=spec.test_examples,
             regulariser_scale=spec.regulariser_scale, max_length=ctx.cfg.eval_max_length, seed=spec.seed,
+            test_features=test_features,
         )  # fmt: skip
     rows = []
     for method in methods:

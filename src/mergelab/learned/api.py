@@ -113,6 +113,13 @@ def expert_set_from_texts(
     return ExpertSet(base_path, experts, max_length=max_length, batch_size=batch_size, seed=seed)
 
 
+def info_as_json(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What a method learned or chose (``merge_with_data(info=...)``) as plain JSON values (tensors as lists)."""
+    import json
+
+    return json.loads(json.dumps(info, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
 def merge_with_data(
     method: str,
     base: PathLike,
@@ -217,10 +224,14 @@ def neulig_with_data(
     regulariser_scale: float = 100.0,
     max_length: int = 64,
     seed: int = 0,
+    test_features: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> NeuLigReport:
     """NeuLig end to end: features of every expert on every task's train split (``train_examples`` per task at
     most), the router trained on them, then ensembling vs merging accuracy on each task's test split (the first
-    ``test_examples`` items, all by default) for each ``weights_from`` rule."""
+    ``test_examples`` items, all by default) for each ``weights_from`` rule.
+
+    ``test_features`` (task → each expert's features [N_test, d] of that task's whole test split, in ``finetuned``
+    order), when a caller has them cached, replaces the experts' forward passes on the test splits."""
     import copy
 
     from mergelab.learned.neulig import NeuLigTask, evaluate_neulig, expert_features, standardized_xi, train_router
@@ -251,7 +262,17 @@ def neulig_with_data(
         test = task.splits["test"]
         count = len(test) if test_examples is None else min(test_examples, len(test))
         texts, test_labels = list(test.texts[:count]), list(test.labels[:count])
-        evaluation[name] = NeuLigTask(texts, test_labels, expert_features(encoders, texts, max_length), models[name].head)
+        if test_features is None:
+            features_of_test = expert_features(encoders, texts, max_length)
+        else:
+            given = list(test_features[name]) if name in test_features else []
+            if len(given) != len(encoders) or any(f.ndim != 2 or len(f) != len(test) for f in given):
+                raise DataError(
+                    f"test_features['{name}'] must hold one [{len(test)}, d] tensor per expert ({len(encoders)}); "
+                    f"got {[tuple(f.shape) for f in given]}"
+                )
+            features_of_test = [f[:count].float() for f in given]
+        evaluation[name] = NeuLigTask(texts, test_labels, features_of_test, models[name].head)
     scratch = copy.deepcopy(encoders[0])
     variants = {rule: evaluate_neulig(router, scratch, states, evaluation, rule, eval_batch_size, max_length)
                 for rule in rules}  # fmt: skip
