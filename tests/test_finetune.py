@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from mergelab.errors import CheckpointError, ConfigError, DataError
 from mergelab.evaluate.features import FeatureCache
 from mergelab.finetune import experts
 from mergelab.finetune.experts import (
+    FinetuneConfig,
     batch_schedule,
     decay_groups,
     expert_cache_key,
@@ -19,12 +21,16 @@ from mergelab.finetune.experts import (
     finetune_multitask,
     get_or_train_expert,
     load_multitask,
+    load_probe,
+    random_linear_head,
     round_robin,
 )
-from mergelab.models.hf import load_encoder, load_task_model
+from mergelab.models.hf import label_names_of, load_encoder, load_task_model
+from mergelab.rng import derive_seed
 from tests._hf_helpers import Split, Task, make_task, tiny_base
 
-FAST = dict(epochs=6, lr=1e-2, max_length=16, batch_size=8, seed=0, weight_decay=0.0)
+FAST = dict(epochs=6, lr=1e-2, max_length=16, batch_size=8, seed=0, weight_decay=0.0, warmup_ratio=0.0,
+            head_init="random")
 
 
 @pytest.fixture
@@ -64,11 +70,17 @@ def test_finetuning_lowers_the_loss_and_saves_a_loadable_classifier(tmp_path, ba
     assert log["steps"] == 6 * 5 and log["threads"] == 1 and log["examples_per_second"] > 0
     first, last = sum(log["losses"][:5]) / 5, sum(log["losses"][-5:]) / 5
     assert last < 0.5 * first
-    hf = AutoModelForSequenceClassification.from_pretrained(out)
-    assert hf.config.id2label == {0: "class0", 1: "class1", 2: "class2"}
+    assert log["head_init"] == "random" and log["head_shift"] > 0 and log["probe"]["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    # a pooled classifier: the encoder loads with AutoModel as it is, the head sits beside it
+    header = json.loads((out / "mergelab_head.json").read_text())
+    assert header["pooling"] == "mean" and header["label_names"] == ["class0", "class1", "class2"]
+    AutoModel.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
+    assert label_names_of(out) == ["class0", "class1", "class2"]
     model = load_task_model(out, label_names=task.label_names)
+    assert model.encoder.pooling == "mean" and isinstance(model.head, torch.nn.Linear)
     assert accuracy(model, task) > 0.8
+    assert load_probe(out, 3) is not None
     # the expert's encoder is a fine-tune of the base: same keys, different values
     base_state = load_encoder(base).model.state_dict()
     expert_state = model.encoder.model.state_dict()
@@ -83,9 +95,46 @@ def test_finetuning_is_seeded(tmp_path, base):
     a = finetune_expert(base, task, tmp_path / "a", progress=False, **settings)
     b = finetune_expert(base, task, tmp_path / "b", progress=False, **settings)
     c = finetune_expert(base, task, tmp_path / "c", progress=False, **dict(settings, seed=1))
-    sa, sb, sc = (AutoModelForSequenceClassification.from_pretrained(p).state_dict() for p in (a, b, c))
+    sa, sb, sc = (load_file(str(p / "mergelab_head.safetensors")) for p in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["classifier.weight"], sc["classifier.weight"])
+    assert not torch.equal(sa["weight"], sc["weight"])
+
+
+def test_native_experts_are_the_familys_own_classifiers_started_from_the_probe(tmp_path, base):
+    task = make_task(per_class=12)
+    out = finetune_expert(base, task, tmp_path / "native", progress=False,
+                          **dict(FAST, pooling="native", head_init="probe", epochs=3))  # fmt: skip
+    hf = AutoModelForSequenceClassification.from_pretrained(out)
+    assert hf.config.id2label == {0: "class0", 1: "class1", 2: "class2"}
+    log = json.loads((out / "mergelab_training.json").read_text())
+    assert log["head_init"] == "probe"
+    model = load_task_model(out, label_names=task.label_names)
+    assert model.encoder.pooling == "pooler" and accuracy(model, task) > 0.8
+
+
+def test_every_task_starts_from_its_own_head_rows():
+    cfg = FinetuneConfig(seed=0)
+    assert cfg.task_seed("a") != cfg.task_seed("b") and cfg.task_seed("a") == FinetuneConfig(seed=0).task_seed("a")
+    assert cfg.task_seed("a") != FinetuneConfig(seed=1).task_seed("a")
+    two = random_linear_head(8, 2, derive_seed(cfg.task_seed("two"), "head")).weight
+    twenty = random_linear_head(8, 20, derive_seed(cfg.task_seed("twenty"), "head")).weight
+    assert not torch.allclose(two, twenty[:2])  # the old shared seed made these rows equal
+    same_seed = random_linear_head(8, 20, derive_seed(cfg.task_seed("two"), "head")).weight
+    assert torch.equal(two, same_seed[:2])  # ... which is what one seed for every task does
+
+
+def test_probe_warm_start_begins_at_the_probe_and_fine_tuning_improves_on_it(tmp_path, base):
+    task = make_task(per_class=12)
+    out = finetune_expert(base, task, tmp_path / "lpft", progress=False,
+                          **dict(FAST, head_init="probe", epochs=2, lr=1e-3))  # fmt: skip
+    log = json.loads((out / "mergelab_training.json").read_text())
+    assert log["head_init"] == "probe" and log["probe"]["examples"] == 36
+    probe = load_probe(out, 3)
+    base_features = load_encoder(base, pooling="mean").encode_texts(task.splits["train"].texts)
+    with torch.no_grad():
+        probe_train = (probe(base_features).argmax(1) == torch.tensor(task.splits["train"].labels)).double().mean()
+    assert abs(float(probe_train) - log["probe"]["train_accuracy"]) < 1e-9
+    assert log["first_loss"] < 1.0986  # started from the probe, not from chance (ln 3)
 
 
 def test_train_size_takes_a_stratified_subset(tmp_path, base):
@@ -105,7 +154,7 @@ def test_second_get_or_train_expert_trains_nothing(tmp_path, base, count_calls):
     assert again == path and len(calls) == 1
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     # spelling out a default is the same expert; a different hyper-parameter is another one
-    same = get_or_train_expert(tmp_path / "experts", base, task, progress=False, warmup_ratio=0.0, **settings)
+    same = get_or_train_expert(tmp_path / "experts", base, task, progress=False, head_lr=None, **settings)
     assert same == path and len(calls) == 1
     assert not [p for p in (tmp_path / "experts").iterdir() if p.name.startswith(".")]
 
@@ -115,7 +164,8 @@ def test_expert_cache_key_tracks_what_determines_the_expert(tmp_path, base):
     key = expert_cache_key(base, task, **FAST)
     assert key == expert_cache_key(base, make_task(per_class=4), **FAST)
     for changed in [dict(FAST, lr=1e-3), dict(FAST, seed=1), dict(FAST, max_length=8), dict(FAST, train_size=5),
-                    dict(FAST, epochs=2), dict(FAST, batch_size=4), dict(FAST, warmup_ratio=0.1)]:  # fmt: skip
+                    dict(FAST, epochs=2), dict(FAST, batch_size=4), dict(FAST, warmup_ratio=0.1),
+                    dict(FAST, pooling="native"), dict(FAST, head_init="probe"), dict(FAST, head_lr=1e-3)]:  # fmt: skip
         assert expert_cache_key(base, task, **changed) != key, changed
     assert expert_cache_key(base, make_task(per_class=4, seed=3), **FAST) != key  # other training data
     relabelled = Task(task.name, task.splits, ["x", "y", "z"])
@@ -166,7 +216,7 @@ def test_multitask_baseline_trains_one_encoder_with_per_task_heads(tmp_path, bas
     for task in tasks:
         assert accuracy(models[task.name], task) > 0.8
     # the saved encoder is in base layout: any encoder + heads evaluation reads it from the folder
-    feats = FeatureCache(tmp_path / "cache", progress=False).features(load_encoder(out), "mtl", tasks[1],
+    feats = FeatureCache(tmp_path / "cache", progress=False).features(load_encoder(out, pooling="mean"), "mtl", tasks[1],
                                                                       splits=("test",))  # fmt: skip
     torch.testing.assert_close(feats.split("test").features, models["two"].encoder.encode_texts(tasks[1].splits["test"].texts))
     with pytest.raises(DataError, match="differ"):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mergelab.config import StrictModel, load_yaml_config
+from mergelab.finetune.experts import FinetuneConfig
 
 PROTOCOLS = ("current", "knn", "aligned", "ft_classifier", "linear_probe", "ensemble", "surgery")
 TRANSFORMS = ("affine", "linear", "invertible", "euclidean", "orthogonal", "scaling", "procrustes")
@@ -26,18 +27,31 @@ class DataSpec(StrictModel):
     test_size: int = Field(default=1000, ge=10, description="test examples per task")
     seed: int = 0
     fewshot_pool_per_class: int = Field(
-        default=20, ge=1, description="few-shot samples are drawn per seed from this many train examples per class"
-    )
+        default=50, ge=1, description="few-shot samples are drawn per seed from this many train examples per class "
+        "(all of a smaller class); 50 keeps 5 seeds' 10-shot draws overlapping little"
+    )  # fmt: skip
+
+
+_FT = FinetuneConfig()  # the API's defaults: one recipe for configs and the Python API
 
 
 class FinetuneSpec(StrictModel):
-    epochs: float = Field(default=1.0, gt=0)
-    lr: float = Field(default=5.0e-5, gt=0)
-    max_length: int = Field(default=64, ge=8)
-    batch_size: int = Field(default=32, ge=1)
+    """The experts' recipe (mergelab.finetune.experts.FinetuneConfig, whose defaults these are)."""
+
+    epochs: float = Field(default=_FT.epochs, gt=0)
+    lr: float = Field(default=_FT.lr, gt=0)
+    max_length: int = Field(default=_FT.max_length, ge=8)
+    batch_size: int = Field(default=_FT.batch_size, ge=1)
     train_size: int | None = Field(default=None, ge=10, description="use at most this many train examples")
-    seed: int = 0
-    weight_decay: float = 0.01
+    seed: int = _FT.seed
+    weight_decay: float = _FT.weight_decay
+    warmup_ratio: float = Field(default=_FT.warmup_ratio, ge=0, lt=1)
+    pooling: Literal["mean", "native"] = Field(
+        default=_FT.pooling, description="mean: pooled classifier (mean of last hidden states + Linear); native: "
+        "the family's AutoModelForSequenceClassification"
+    )  # fmt: skip
+    head_init: Literal["probe", "random"] = Field(default=_FT.head_init, description="probe: LP-FT warm start")
+    head_lr: float | None = Field(default=_FT.head_lr, gt=0, description="the head's lr (default: lr)")
 
 
 class MethodSpec(StrictModel):

@@ -164,11 +164,8 @@ def train_experts(ctx: RunContext) -> None:
     ft = ctx.cfg.finetune
     for name, task in ctx.tasks.items():
         with _timed(ctx, "experts"):
-            path = get_or_train_expert(
-                ctx.cache_dir / "experts", base_path=ctx.base_path, task=task, epochs=ft.epochs, lr=ft.lr,
-                max_length=ft.max_length, batch_size=ft.batch_size, seed=ft.seed, train_size=ft.train_size,
-                weight_decay=ft.weight_decay, threads=ctx.cfg.threads,
-            )  # fmt: skip
+            path = get_or_train_expert(ctx.cache_dir / "experts", base_path=ctx.base_path, task=task,
+                                       threads=ctx.cfg.threads, **ft.model_dump())  # fmt: skip
         model = load_task_model(path, label_names=task.label_names)
         ctx.experts[name] = Expert(name, Path(path), checkpoint_fingerprint(path), model.head, model.encoder)
         ctx.log(f"expert '{name}': {path}")
@@ -224,7 +221,7 @@ def merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, Any]) ->
                 record_learned(ctx, spec, params, info)
             else:
                 state = mergelab.merge(spec.name, ctx.base_path, [e.path for e in ctx.experts.values()], **params)
-            return load_encoder(state, ctx.base_path)
+            return load_encoder(state, ctx.base_path, pooling=ctx.pooling)
 
     return build, fingerprint
 
@@ -429,13 +426,14 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
             evaluate_subject(ctx, Subject("ensemble", "ensemble"), finetuned, ["ensemble"], finetuned, ensemble,
                              ft_test_acc)  # fmt: skip
         merged_protocols = [p for p in cfg.protocols if p != "ensemble"]
+        base_encoder = load_encoder(ctx.base_path, ctx.base_path, pooling=ctx.pooling)
+        base_fp = checkpoint_fingerprint(ctx.base_path)
+        pretrained = {n: encoder_features(ctx, base_encoder, base_fp, t, _present(ctx, n, all_splits))
+                      for n, t in ctx.eval_tasks.items()}  # fmt: skip
+        record_expert_checks(ctx, pretrained, ft_test_acc)
         if cfg.bounds:
             evaluate_subject(ctx, Subject("finetuned", "individual"), finetuned, ["current"], finetuned, None,
                              ft_test_acc)  # fmt: skip
-            base_encoder = load_encoder(ctx.base_path, ctx.base_path)
-            base_fp = checkpoint_fingerprint(ctx.base_path)
-            pretrained = {n: encoder_features(ctx, base_encoder, base_fp, t, _present(ctx, n, all_splits))
-                          for n, t in ctx.eval_tasks.items()}  # fmt: skip
             pretrained_protocols = [p for p in merged_protocols if p != "aligned" or cfg.aligned_methods is None]
             evaluate_subject(ctx, Subject("pretrained", "pretrained"), pretrained, pretrained_protocols, finetuned,
                              None, ft_test_acc)  # fmt: skip
@@ -483,8 +481,7 @@ def evaluate_multitask(ctx: RunContext, finetuned: dict[str, Any], finetuned_acc
     with _timed(ctx, "multitask"):
         path = get_or_train_multitask(
             ctx.cache_dir / "experts", ctx.base_path, list(ctx.tasks.values()), threads=ctx.cfg.threads,
-            epochs=ft.epochs, lr=ft.lr, max_length=ft.max_length, batch_size=ft.batch_size, seed=ft.seed,
-            train_size=ft.train_size, weight_decay=ft.weight_decay,
+            **ft.model_dump(),
         )  # fmt: skip
     models = load_multitask(path, {n: t.label_names for n, t in ctx.tasks.items()})
     fingerprint = checkpoint_fingerprint(path)
@@ -562,6 +559,20 @@ def _subject_done(ctx: RunContext, subject: Subject, protocols: list[str]) -> bo
             if not ctx.store.has(subject_cell_key(ctx, subject, stored, task, seed, shots)):
                 return False
     return True
+
+
+def record_expert_checks(ctx: RunContext, pretrained: dict[str, Any], expert_accuracy: dict[str, float]) -> None:
+    """Store (meta ``experts``) and log each expert against its frozen-encoder probe and the majority rate."""
+    from mergelab.bench.expert_checks import check_experts, warnings_for
+
+    verdicts = check_experts(ctx.experts, pretrained, expert_accuracy)
+    ctx.store.set_meta("experts", verdicts)
+    for name, v in verdicts.items():
+        probe = "–" if v["probe_accuracy"] is None else f"{100 * v['probe_accuracy']:.1f}"
+        ctx.log(f"expert '{name}': test {100 * v['test_accuracy']:.1f}, frozen-encoder probe {probe}, majority "
+                f"{100 * v['majority_rate']:.1f}")  # fmt: skip
+    for line in warnings_for(verdicts):
+        ctx.log(line)
 
 
 def finetuned_accuracies(ctx: RunContext, finetuned: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:

@@ -9,16 +9,12 @@ given seed and k).
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 from mergelab.errors import ConfigError, DataError
+from mergelab.rng import derive_seed
 
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """A seed for one random stream (e.g. 'shuffle', 'init') derived from the cell seed and a purpose name."""
-    return (int(seed) * 0x9E3779B1 + zlib.crc32(purpose.encode())) % (1 << 63)
+__all__ = ["derive_seed", "sample_count", "sample_fraction", "sample_per_class"]
 
 
 def _check_labels(labels: torch.Tensor, what: str) -> torch.Tensor:

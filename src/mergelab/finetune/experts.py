@@ -14,6 +14,7 @@ one ``TaskModel`` per task.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -33,25 +34,44 @@ from mergelab.errors import CheckpointError, ConfigError, DataError
 from mergelab.io.writer import atomic_folder
 from mergelab.models.fingerprint import checkpoint_fingerprint
 from mergelab.progress import progress_bar
+from mergelab.rng import derive_seed
 
 PathLike = str | os.PathLike[str]
 TRAINING_LOG = "mergelab_training.json"
 MULTITASK_LOG = "mergelab_multitask.json"
+PROBE_FILE = "mergelab_probe.safetensors"
 MAX_GRAD_NORM = 1.0
+
+
+POOLING_CHOICES = ("mean", "native")
+HEAD_INITS = ("probe", "random")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Every hyper-parameter that determines an expert (with ``seed``, the base and the training data)."""
+    """Every hyper-parameter that determines an expert (with the base and the training data).
 
-    epochs: float = 1.0
+    The defaults are a recipe that converges within the demo's budget (LP-FT, Kumar et al. 2022): the head starts
+    from the frozen-encoder linear probe (``head_init: probe``), then encoder and head are fine-tuned together for
+    2 epochs with AdamW (lr 5e-5, 10 % linear warm-up, linear decay). ``pooling: mean`` gives a pooled classifier
+    (mean of the last hidden states over non-padding tokens, one Linear head: the FT-Classifier paper's
+    architecture and all-MiniLM-L6-v2's own embedding); ``native`` gives the family's
+    ``AutoModelForSequenceClassification`` (e.g. BERT's pooler + classifier). ``head_lr`` defaults to ``lr``.
+    The head's random initialisation and the batch order use a seed derived from ``seed`` and the task name, so two
+    tasks never start from the same head rows.
+    """
+
+    epochs: float = 2.0
     lr: float = 5e-5
     max_length: int = 64
     batch_size: int = 32
     seed: int = 0
     train_size: int | None = None
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.1
+    pooling: str = "mean"
+    head_init: str = "probe"
+    head_lr: float | None = None
 
     def __post_init__(self) -> None:
         checks = [(self.epochs > 0, "epochs must be positive"), (self.lr > 0, "lr must be positive"),
@@ -59,7 +79,10 @@ class FinetuneConfig:
                   (self.batch_size >= 1, "batch_size must be at least 1"),
                   (self.train_size is None or self.train_size >= 1, "train_size must be positive or None"),
                   (self.weight_decay >= 0, "weight_decay must be non-negative"),
-                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")]  # fmt: skip
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+                  (self.pooling in POOLING_CHOICES, f"pooling must be one of {', '.join(POOLING_CHOICES)}"),
+                  (self.head_init in HEAD_INITS, f"head_init must be one of {', '.join(HEAD_INITS)}"),
+                  (self.head_lr is None or self.head_lr > 0, "head_lr must be positive or None")]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"fine-tuning: {message} (got {asdict(self)})")
@@ -71,6 +94,10 @@ class FinetuneConfig:
         if unknown:
             raise ConfigError(f"unknown fine-tuning parameter(s) {unknown}; known: {', '.join(sorted(known))}")
         return cls(**hyper)
+
+    def task_seed(self, task_name: str) -> int:
+        """The seed of one task's head initialisation, dropout and batch order."""
+        return derive_seed(self.seed, f"expert:{task_name}")
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -184,13 +211,60 @@ def _fresh_classifier(base_path: PathLike, label_names: Sequence[str]) -> nn.Mod
     return model
 
 
+class PooledClassifier(nn.Module):
+    """A text encoder (mean pooling) and a Linear head, trained together: ``forward(**batch)`` gives logits."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(**batch))
+
+
+def last_linear(head: nn.Module) -> nn.Linear:
+    """The output layer of a head (the module itself when it is a Linear)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"the head {type(head).__name__} has no Linear layer")
+    return linears[-1]
+
+
+def head_shift(initial: torch.Tensor, final: torch.Tensor) -> float:
+    """How far a head's weight moved from its initialisation: ‖W − W₀‖ / ‖W₀‖ (Frobenius norms)."""
+    return float(torch.linalg.norm(final.double() - initial.double()) / torch.linalg.norm(initial.double()).clamp_min(1e-12))
+
+
+def random_linear_head(width: int, num_classes: int, seed: int) -> nn.Linear:
+    """A fresh head as Hugging Face initialises one: weight ~ N(0, 0.02), bias 0, from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    head = nn.Linear(width, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(num_classes, width, generator=generator) * 0.02)
+        head.bias.zero_()
+    return head
+
+
+def optimizer_groups(model: nn.Module, cfg: FinetuneConfig, heads: Sequence[nn.Module] = ()) -> list[dict[str, Any]]:
+    """AdamW groups: :func:`decay_groups` at ``lr``, with the heads' parameters in groups of their own at
+    ``head_lr`` (``lr`` when unset)."""
+    head_ids = {id(p) for head in heads for p in head.parameters()}
+    out = []
+    for group in decay_groups(model, cfg.weight_decay):
+        body = [p for p in group["params"] if id(p) not in head_ids]
+        tops = [p for p in group["params"] if id(p) in head_ids]
+        out += [{"params": body, "weight_decay": group["weight_decay"], "lr": cfg.lr},
+                {"params": tops, "weight_decay": group["weight_decay"], "lr": cfg.head_lr or cfg.lr}]  # fmt: skip
+    return [g for g in out if g["params"]]
+
+
 def _run_steps(model: nn.Module, steps: Sequence[tuple[int, list[int]]],
                loss_of: Callable[[int, list[int]], torch.Tensor], cfg: FinetuneConfig, description: str,
-               progress: bool) -> dict[str, Any]:  # fmt: skip
+               progress: bool, heads: Sequence[nn.Module] = ()) -> dict[str, Any]:  # fmt: skip
     """AdamW + linear schedule over ``steps`` ((task, batch indices) pairs); returns the per-step losses and speed."""
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg, heads), lr=cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * len(steps)), len(steps))
     model.train()
     losses: list[float] = []
@@ -217,49 +291,137 @@ def _run_steps(model: nn.Module, steps: Sequence[tuple[int, list[int]]],
             "first_loss": losses[0], "last_loss": sum(tail) / len(tail), "losses": losses}  # fmt: skip
 
 
+def _pad(tokenizer: Any, encoded: Mapping[str, list[Any]], idx: list[int]) -> dict[str, torch.Tensor]:
+    return tokenizer.pad({k: [encoded[k][i] for i in idx] for k in encoded}, return_tensors="pt")
+
+
 def _batch_loss(model: nn.Module, tokenizer: Any, encoded: Mapping[str, list[Any]], labels: Sequence[int],
                 idx: list[int]) -> torch.Tensor:  # fmt: skip
-    batch = tokenizer.pad({k: [encoded[k][i] for i in idx] for k in encoded}, return_tensors="pt")
-    return model(**batch, labels=torch.tensor([labels[i] for i in idx], dtype=torch.long)).loss
+    target = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+    if isinstance(model, PooledClassifier):
+        return nn.functional.cross_entropy(model(**_pad(tokenizer, encoded, idx)), target)
+    return model(**_pad(tokenizer, encoded, idx), labels=target).loss
 
 
-def finetune_expert(base_path: PathLike, task: Any, out_dir: PathLike, epochs: float = 1.0, lr: float = 5e-5,
-                    max_length: int = 64, batch_size: int = 32, seed: int = 0, train_size: int | None = None,
-                    weight_decay: float = 0.01, warmup_ratio: float = 0.0, threads: int | None = None,
-                    progress: bool = True) -> Path:  # fmt: skip
-    """Fine-tune the pretrained ``base_path`` with a fresh head on ``task``'s train split; save to ``out_dir``.
+def _probe_and_head(encoder: Any, texts: list[str], labels: list[int], num_classes: int, cfg: FinetuneConfig,
+                    seed: int) -> tuple[nn.Linear, nn.Linear, dict[str, Any]]:  # fmt: skip
+    """The frozen-encoder probe on the train texts, and the head to start from (a copy of it, or random)."""
+    from mergelab.finetune.probe import fit_linear_probe
 
-    ``out_dir`` becomes a Hugging Face classifier folder (weights, config with the task's id2label, tokenizer,
-    ``mergelab_training.json`` with the per-step losses and examples/s), replacing an existing one atomically.
-    """
-    from mergelab.models.hf import load_tokenizer, max_positions
+    features = encoder.encode_texts(texts, max_length=cfg.max_length)
+    probe, info = fit_linear_probe(features, labels, num_classes, seed=seed)
+    if cfg.head_init == "probe":
+        head = copy.deepcopy(probe)
+    else:
+        head = random_linear_head(features.shape[1], num_classes, derive_seed(seed, "head"))
+    return probe, head, info
 
-    cfg = FinetuneConfig(epochs, lr, max_length, batch_size, seed, train_size, weight_decay, warmup_ratio)
-    config = _base_config(base_path)
-    texts, labels = train_examples(task, cfg.train_size, cfg.seed)
+
+def _write_probe(folder: Path, probe: nn.Linear) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": probe.weight.detach().contiguous(), "bias": probe.bias.detach().contiguous()},
+              str(folder / PROBE_FILE))  # fmt: skip
+
+
+def load_probe(folder: PathLike, num_classes: int) -> nn.Linear | None:
+    """The frozen-encoder probe an expert folder was trained beside (None for experts saved without one)."""
+    from mergelab.models.hf import load_linear_head
+
+    file = Path(folder) / PROBE_FILE
+    return load_linear_head(file, num_classes) if file.is_file() else None
+
+
+def _train_pooled(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: list[str], labels: list[int],
+                  progress: bool) -> tuple[Any, nn.Linear, nn.Linear, dict[str, Any]]:  # fmt: skip
+    """Mean-pooled encoder + Linear head fine-tuned from the probe (or a random head): (encoder, head, probe, log)."""
+    from mergelab.models.hf import load_encoder
+
+    seed = cfg.task_seed(task.name)
+    encoder = load_encoder(base_path, base_path, pooling="mean")
+    probe, head, probe_info = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, seed)
+    initial = head.weight.detach().clone()
+    encoded = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length(cfg.max_length))
+    model = PooledClassifier(encoder, head)
+    steps = [(0, idx) for idx in batch_schedule(len(texts), cfg.batch_size, cfg.epochs, derive_seed(seed, "batches"))]
+    log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, encoder.tokenizer, encoded, labels, idx), cfg,
+                     f"fine-tuning {task.name}", progress, heads=[head])  # fmt: skip
+    encoder.eval()
+    log.update(probe=probe_info, head_init=cfg.head_init, head_shift=head_shift(initial, head.weight.detach()))
+    return encoder, head, probe, log
+
+
+def _train_native(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: list[str], labels: list[int],
+                  progress: bool) -> tuple[nn.Module, Any, nn.Linear, dict[str, Any]]:  # fmt: skip
+    """The family's own sequence classifier, its head started from the probe where that head is one Linear."""
+    from mergelab.models.hf import architecture, load_encoder, load_tokenizer, max_positions
+
+    seed = cfg.task_seed(task.name)
+    encoder = load_encoder(base_path, base_path)
+    probe, _, probe_info = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, seed)
+    model = _fresh_classifier(base_path, task.label_names)
+    out_layer = last_linear(architecture(model.config.model_type).head(model))
+    head_init = cfg.head_init
+    with torch.no_grad():
+        if cfg.head_init == "probe" and len(architecture(model.config.model_type).head_modules) == 1 \
+                and isinstance(model.classifier, nn.Linear):  # fmt: skip
+            out_layer.weight.copy_(probe.weight)
+            out_layer.bias.copy_(probe.bias)
+        else:  # a head with hidden layers cannot start from the probe: random, as Hugging Face initialises it
+            head_init = "random"
+            fresh = random_linear_head(out_layer.in_features, out_layer.out_features, derive_seed(seed, "head"))
+            out_layer.load_state_dict(fresh.state_dict())
+    initial = out_layer.weight.detach().clone()
     tokenizer = load_tokenizer(base_path)
-    encoded = tokenizer(texts, truncation=True, max_length=min(cfg.max_length, max_positions(config)))
-    with seeded_threads(cfg.seed, threads):
-        model = _fresh_classifier(base_path, task.label_names)
-        steps = [(0, idx) for idx in batch_schedule(len(texts), cfg.batch_size, cfg.epochs, cfg.seed)]
-        log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, tokenizer, encoded, labels, idx), cfg,
-                         f"fine-tuning {task.name}", progress)  # fmt: skip
+    encoded = tokenizer(texts, truncation=True, max_length=min(cfg.max_length, max_positions(model.config)))
+    steps = [(0, idx) for idx in batch_schedule(len(texts), cfg.batch_size, cfg.epochs, derive_seed(seed, "batches"))]
+    log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, tokenizer, encoded, labels, idx), cfg,
+                     f"fine-tuning {task.name}", progress, heads=[model.classifier])  # fmt: skip
+    log.update(probe=probe_info, head_init=head_init, head_shift=head_shift(initial, out_layer.weight.detach()))
+    return model, tokenizer, probe, log
+
+
+def finetune_expert(base_path: PathLike, task: Any, out_dir: PathLike, *, threads: int | None = None,
+                    progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
+    """Fine-tune the pretrained ``base_path`` on ``task``'s train split (:class:`FinetuneConfig` names every
+    hyper-parameter and its default); save to ``out_dir``.
+
+    ``out_dir`` becomes a pooled classifier (``pooling: mean``) or the family's HF classifier folder (``native``),
+    with the tokenizer, ``mergelab_probe.safetensors`` (the frozen-encoder probe: the bar the expert must clear)
+    and ``mergelab_training.json`` (per-step losses, examples/s, the probe's C, how far the head moved), replacing
+    an existing one atomically.
+    """
+    from mergelab.models.hf import save_pooled_classifier
+
+    cfg = FinetuneConfig.from_kwargs(**hyper)
+    _base_config(base_path)
+    texts, labels = train_examples(task, cfg.train_size, cfg.seed)
+    with seeded_threads(cfg.task_seed(task.name), threads):
+        if cfg.pooling == "mean":
+            encoder, head, probe, log = _train_pooled(base_path, task, cfg, texts, labels, progress)
+        else:
+            model, tokenizer, probe, log = _train_native(base_path, task, cfg, texts, labels, progress)
         used_threads = torch.get_num_threads()
     record = {"task": task.name, "examples": len(texts), "config": asdict(cfg), "threads": used_threads, **log}
     with atomic_folder(Path(out_dir), force=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if cfg.pooling == "mean":
+            save_pooled_classifier(tmp, encoder, head, [str(n) for n in task.label_names])
+        else:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        _write_probe(tmp, probe)
         (tmp / TRAINING_LOG).write_text(json.dumps(record, indent=1))
     return Path(out_dir)
 
 
 def expert_cache_key(base_path: PathLike, task: Any, **hyper: Any) -> str:
-    """Hash of all that determines an expert: base weights, the task's train split and label names, every
+    """Hash of all that determines an expert: base weights, the task's name, train split and label names, every
     hyper-parameter (defaults filled in) including the seed, and the mergelab version."""
     from mergelab import __version__
 
-    payload = {"kind": "expert", "base": checkpoint_fingerprint(base_path), "train": train_split_hash(task),
-               "config": asdict(FinetuneConfig.from_kwargs(**hyper)), "mergelab": __version__}  # fmt: skip
+    payload = {"kind": "expert", "base": checkpoint_fingerprint(base_path), "task": str(task.name),
+               "train": train_split_hash(task), "config": asdict(FinetuneConfig.from_kwargs(**hyper)),
+               "mergelab": __version__}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -274,23 +436,43 @@ def get_or_train_expert(cache_dir: PathLike, base_path: PathLike, task: Any, thr
     target = Path(cache_dir) / f"{safe_name(task.name)}-{key}"
     if _complete(target):
         return target
-    return finetune_expert(base_path, task, target, threads=threads, progress=progress,
-                           **asdict(FinetuneConfig.from_kwargs(**hyper)))  # fmt: skip
+    return finetune_expert(base_path, task, target, threads=threads, progress=progress, **hyper)
 
 
 # -------------------------------------------------------------------------------------------------- multi-task
 
 
-def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathLike, epochs: float = 1.0,
-                       lr: float = 5e-5, max_length: int = 64, batch_size: int = 32, seed: int = 0,
-                       train_size: int | None = None, weight_decay: float = 0.01, warmup_ratio: float = 0.0,
-                       threads: int | None = None, progress: bool = True) -> Path:  # fmt: skip
-    """Multi-task-learning baseline: one encoder fine-tuned on every task at once, one fresh head per task.
+def _multitask_models(base_path: PathLike, tasks: Sequence[Any], data: Sequence[tuple[list[str], list[int]]],
+                      cfg: FinetuneConfig) -> tuple[nn.ModuleList, Any]:  # fmt: skip
+    """One model per task sharing the first one's encoder (pooled classifiers or the family's classifiers)."""
+    from mergelab.models.hf import load_encoder
+
+    models = nn.ModuleList()
+    if cfg.pooling == "mean":
+        encoder = load_encoder(base_path, base_path, pooling="mean")
+        for task, (texts, labels) in zip(tasks, data, strict=True):
+            _, head, _ = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, cfg.task_seed(task.name))
+            models.append(PooledClassifier(encoder, head))
+        return models, encoder.tokenizer
+    for task in tasks:
+        model = _fresh_classifier(base_path, task.label_names)
+        if models:  # share the first model's encoder; the copy this one loaded is dropped
+            setattr(model, model.base_model_prefix, getattr(models[0], model.base_model_prefix))
+        models.append(model)
+    return models, None
+
+
+def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathLike, *, threads: int | None = None,
+                       progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
+    """Multi-task-learning baseline: one encoder fine-tuned on every task at once, one head per task (started
+    from each task's probe with ``head_init: probe``), with the experts' :class:`FinetuneConfig`.
 
     Batches alternate round-robin over the tasks (``epochs`` passes over each task's train split; a smaller task
     runs out first). ``train_size`` caps each task. Saves the shared encoder in base layout (config, weights,
     tokenizer), ``heads/<task>.safetensors`` and ``mergelab_multitask.json``; load with :func:`load_multitask`.
     """
+    from safetensors.torch import save_file
+
     from mergelab.models.hf import classifier_head_state, load_tokenizer, max_positions
 
     if not tasks:
@@ -299,42 +481,40 @@ def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathL
     files = [safe_name(n) for n in names]
     if len(set(files)) != len(files):
         raise DataError(f"task names must be distinct (as file names): {names}")
-    cfg = FinetuneConfig(epochs, lr, max_length, batch_size, seed, train_size, weight_decay, warmup_ratio)
+    cfg = FinetuneConfig.from_kwargs(**hyper)
     config = _base_config(base_path)
     tokenizer = load_tokenizer(base_path)
     data = [train_examples(t, cfg.train_size, cfg.seed) for t in tasks]
     encoded = [tokenizer(texts, truncation=True, max_length=min(cfg.max_length, max_positions(config)))
                for texts, _ in data]  # fmt: skip
     with seeded_threads(cfg.seed, threads):
-        models = nn.ModuleList()
-        for task in tasks:
-            model = _fresh_classifier(base_path, task.label_names)
-            if models:  # share the first model's encoder; the copy this one loaded is dropped
-                setattr(model, model.base_model_prefix, getattr(models[0], model.base_model_prefix))
-            models.append(model)
-        schedules = [batch_schedule(len(texts), cfg.batch_size, cfg.epochs, cfg.seed + t)
-                     for t, (texts, _) in enumerate(data)]  # fmt: skip
+        models, _ = _multitask_models(base_path, tasks, data, cfg)
+        schedules = [batch_schedule(len(texts), cfg.batch_size, cfg.epochs, cfg.task_seed(t.name))
+                     for t, (texts, _) in zip(tasks, data, strict=True)]  # fmt: skip
 
         def loss_of(t: int, idx: list[int]) -> torch.Tensor:
             return _batch_loss(models[t], tokenizer, encoded[t], data[t][1], idx)
 
         steps = round_robin(schedules)
-        log = _run_steps(models, steps, loss_of, cfg, "multi-task fine-tuning", progress)
+        heads = [m.head for m in models] if cfg.pooling == "mean" else [m.classifier for m in models]
+        log = _run_steps(models, steps, loss_of, cfg, "multi-task fine-tuning", progress, heads=heads)
         used_threads = torch.get_num_threads()
     log["task_losses"] = {n: [loss for (t, _), loss in zip(steps, log["losses"], strict=True) if t == i]
                           for i, n in enumerate(names)}  # fmt: skip
-    shared = getattr(models[0], models[0].base_model_prefix)
+    pooled = cfg.pooling == "mean"
+    shared = models[0].encoder.model if pooled else getattr(models[0], models[0].base_model_prefix)
     record = {"tasks": {n: {"file": f"heads/{f}.safetensors", "label_names": [str(x) for x in t.label_names],
                             "examples": len(d[0])} for n, f, t, d in zip(names, files, tasks, data, strict=True)},
-              "model_type": config.model_type, "config": asdict(cfg), "threads": used_threads, **log}  # fmt: skip
-    from safetensors.torch import save_file
-
+              "model_type": config.model_type, "pooling": "mean" if pooled else "native", "config": asdict(cfg),
+              "threads": used_threads, **log}  # fmt: skip
     with atomic_folder(Path(out_dir), force=True) as tmp:
         shared.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "heads").mkdir()
         for name, file, model, task in zip(names, files, models, tasks, strict=True):
-            save_file(classifier_head_state(model), str(tmp / "heads" / f"{file}.safetensors"),
+            state = ({k: v.detach().contiguous() for k, v in model.head.state_dict().items()} if pooled
+                     else classifier_head_state(model))  # fmt: skip
+            save_file(state, str(tmp / "heads" / f"{file}.safetensors"),
                       metadata={"task": name, "label_names": json.dumps([str(x) for x in task.label_names])})
         (tmp / MULTITASK_LOG).write_text(json.dumps(record, indent=1))
     return Path(out_dir)
@@ -358,8 +538,7 @@ def get_or_train_multitask(cache_dir: PathLike, base_path: PathLike, tasks: Sequ
     target = Path(cache_dir) / f"multitask-{multitask_cache_key(base_path, tasks, **hyper)}"
     if (target / MULTITASK_LOG).is_file() and _complete(target):
         return target
-    return finetune_multitask(base_path, tasks, target, threads=threads, progress=progress,
-                              **asdict(FinetuneConfig.from_kwargs(**hyper)))  # fmt: skip
+    return finetune_multitask(base_path, tasks, target, threads=threads, progress=progress, **hyper)
 
 
 def load_multitask(path: PathLike, label_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
@@ -369,19 +548,23 @@ def load_multitask(path: PathLike, label_names: Mapping[str, Sequence[str]] | No
     """
     from safetensors.torch import load_file
 
-    from mergelab.models.hf import head_from_state, load_encoder
+    from mergelab.models.hf import head_from_state, load_encoder, load_linear_head
     from mergelab.models.task_model import TaskModel, check_label_names
 
     folder = Path(path)
     if not (folder / MULTITASK_LOG).is_file():
         raise CheckpointError(f"{folder} is not a multi-task checkpoint (no {MULTITASK_LOG}); see finetune_multitask")
     record = json.loads((folder / MULTITASK_LOG).read_text())
-    encoder = load_encoder(folder)
+    pooled = record.get("pooling") == "mean"
+    encoder = load_encoder(folder, pooling="mean" if pooled else None)
     out = {}
     for name, entry in record["tasks"].items():
         names = entry["label_names"]
         if label_names is not None and name in label_names:
             check_label_names(names, list(label_names[name]), f"multi-task head '{name}' in {folder}")
-        head = head_from_state(encoder.model.config, load_file(str(folder / entry["file"])), names)
+        if pooled:
+            head = load_linear_head(folder / entry["file"], len(names))
+        else:
+            head = head_from_state(encoder.model.config, load_file(str(folder / entry["file"])), names)
         out[name] = TaskModel(encoder, head, list(names))
     return out

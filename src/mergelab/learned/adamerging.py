@@ -36,6 +36,7 @@ from mergelab.learned.base import (
     ties_selected_vectors,
 )
 from mergelab.merging.base import MethodParams
+from mergelab.models.hf import pool
 
 Granularity = Literal["layer", "task"]
 
@@ -68,14 +69,9 @@ def merged_parameters(
     return out
 
 
-def pooled(output: Any, pooling: str) -> torch.Tensor:
-    """The feature an HF base model's output feeds to the head (as ``TextEncoder.forward``)."""
-    return output.pooler_output if pooling == "pooler" else output.last_hidden_state[:, 0]
-
-
 def learn_coefficients(
     model: nn.Module,
-    features_of: Callable[[Any], torch.Tensor],
+    features_of: Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor],
     base: Mapping[str, torch.Tensor],
     taus: Sequence[Mapping[str, torch.Tensor]],
     heads: Sequence[nn.Module],
@@ -100,7 +96,8 @@ def learn_coefficients(
         loss = torch.zeros(())
         for head, task_batches in zip(heads, batches, strict=True):
             batch = task_batches[step % len(task_batches)]
-            loss = loss + entropy(head(features_of(functional_call(model, params, args=(), kwargs=dict(batch)))))
+            output = functional_call(model, params, args=(), kwargs=dict(batch))
+            loss = loss + entropy(head(features_of(output, batch)))
         (coefficients.grad,) = torch.autograd.grad(loss, [coefficients])  # no side effects on model or heads
         optimizer.step()
         losses.append(float(loss.detach()))
@@ -109,7 +106,7 @@ def learn_coefficients(
 
 def adamerging(
     model: nn.Module,
-    features_of: Callable[[Any], torch.Tensor],
+    features_of: Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor],
     base: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
     heads: Sequence[nn.Module],
@@ -123,7 +120,7 @@ def adamerging(
     density: float = 0.2,
 ) -> tuple[State, list[float]]:
     """AdaMerging of ``experts`` (state dicts of ``model``'s architecture, same names as ``base``): the merged state
-    dict (every key of ``base``) and the loss per step. ``features_of(model_output)`` gives the heads' input."""
+    dict (every key of ``base``) and the loss per step. ``features_of(model_output, batch)`` gives the heads' input."""
     names = [n for n, p in model.named_parameters() if n in base and base[n].is_floating_point()]
     taus = task_vectors(base, experts, names)
     if plus:
@@ -202,8 +199,8 @@ class AdaMerging(DataMergeMethod):
             taus = ties_selected_vectors(taus, p.density)
         base_f = {n: base[n].float() for n in names}
 
-        def features_of(output: Any) -> torch.Tensor:
-            return pooled(output, encoder.pooling)
+        def features_of(output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return pool(output, batch.get("attention_mask"), encoder.pooling)
 
         coefficients, losses = learn_coefficients(
             encoder.model,

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from mergelab.errors import CheckpointError, ConfigError
+from mergelab.errors import CheckpointError, ConfigError, DataError
 from mergelab.merging.base import MethodParams
 from mergelab.merging.ops import elect_signs, kth_smallest_magnitude, majority_sign, trim, trim_rank
 from mergelab.models.task_model import TaskModel
@@ -55,10 +55,15 @@ class ExpertSet:
         return [e.task for e in self.experts]
 
     def base_encoder(self) -> Any:
-        """A fresh float32 ``TextEncoder`` of the base (its ``.model`` is a scratch model methods may reload)."""
+        """A fresh float32 ``TextEncoder`` of the base with the experts' feature (their pooling); its ``.model`` is a
+        scratch model methods may reload."""
         from mergelab.models.hf import load_encoder
 
-        return load_encoder(self.base_path, self.base_path)
+        poolings = {getattr(e.model.encoder, "pooling", None) for e in self.experts}
+        if len(poolings) > 1:
+            raise DataError(f"the experts read different features ({sorted(map(str, poolings))}); merge experts of "
+                            "one kind (all pooled classifiers, or all of the family's own classifiers)")  # fmt: skip
+        return load_encoder(self.base_path, self.base_path, pooling=poolings.pop() if poolings else None)
 
     def expert_states(self) -> list[State]:
         """Each expert's encoder state dict in base layout (references to the live tensors: do not modify)."""

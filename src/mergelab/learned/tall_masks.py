@@ -88,7 +88,7 @@ def validation_accuracy(
     features = encoder.encode_texts(list(texts), max_length=max_length, batch_size=batch_size)
     with torch.no_grad():
         predictions = head(features).argmax(-1)
-    return float((predictions == torch.tensor(list(labels))).float().mean())
+    return int((predictions == torch.tensor(list(labels))).sum()) / len(predictions)
 
 
 @dataclass

@@ -6,6 +6,11 @@
 | roberta, xlm-roberta | ``last_hidden_state[:, 0]`` | ``classifier``: dense → tanh → out_proj |
 | distilbert | ``last_hidden_state[:, 0]`` | ``pre_classifier`` → ReLU → ``classifier`` |
 
+A *pooled classifier* (what ``mergelab`` fine-tunes by default, the FT-Classifier paper's architecture) is a base
+encoder folder that ``transformers.AutoModel`` loads as it is, plus ``mergelab_head.json`` (format, pooling, label
+names) and ``mergelab_head.safetensors`` (one Linear: ``weight`` [C, d], ``bias`` [C]); its feature is the mean of
+the last hidden states over non-padding tokens (``pooling: mean``, all-MiniLM-L6-v2's own sentence embedding).
+
 Heads are plain ``[B, d] → [B, C]`` modules without dropout, so ``head(encoder(x))`` equals the fine-tuned model's
 own logits in eval mode, and a head that a protocol re-trains behaves the same in train and eval mode.
 Weights are used in float32 whatever dtype they were saved in.
@@ -73,6 +78,30 @@ def architecture(model_type: str) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
+POOLINGS = ("pooler", "cls", "mean")
+POOLED_HEAD_CONFIG = "mergelab_head.json"
+POOLED_HEAD_WEIGHTS = "mergelab_head.safetensors"
+POOLED_FORMAT = "mergelab-pooled-classifier"
+
+
+def pool(output: Any, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """The feature [B, d] of a base model's ``output``: ``pooler_output``, the first token, or the mean of the last
+    hidden states over non-padding tokens (all tokens when no mask is given)."""
+    if pooling == "pooler":
+        if getattr(output, "pooler_output", None) is None:
+            raise CheckpointError("this encoder has no pooler but its head reads pooler_output")
+        return output.pooler_output
+    hidden = output.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 def max_positions(config: Any) -> int:
     """The longest token sequence the model's position embeddings accept."""
     limit = int(getattr(config, "max_position_embeddings", 512))
@@ -86,19 +115,14 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any, pooling: str) -> None:
         super().__init__()
-        if pooling not in ("pooler", "cls"):
-            raise ConfigError(f"pooling must be 'pooler' or 'cls', got '{pooling}'")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pooling = pooling
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        out = self.model(**batch)
-        if self.pooling == "pooler":
-            if getattr(out, "pooler_output", None) is None:
-                raise CheckpointError("this encoder has no pooler but its head reads pooler_output")
-            return out.pooler_output
-        return out.last_hidden_state[:, 0]
+        return pool(self.model(**batch), batch.get("attention_mask"), self.pooling)
 
     def max_length(self, requested: int) -> int:
         """``requested`` capped by what the position embeddings accept."""
@@ -165,14 +189,90 @@ def head_label_names(config: Any) -> list[str]:
     return [id2label[i] for i in range(len(id2label))]
 
 
+def is_pooled_classifier(path: PathLike) -> bool:
+    """Whether ``path`` is a pooled-classifier folder (base encoder + ``mergelab_head.json``)."""
+    return (Path(path) / POOLED_HEAD_CONFIG).is_file()
+
+
+def read_pooled_head_config(folder: Path) -> dict[str, Any]:
+    """The validated ``mergelab_head.json`` of a pooled classifier."""
+    try:
+        meta = json.loads((folder / POOLED_HEAD_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / POOLED_HEAD_CONFIG} is not valid JSON ({exc}); re-save the expert") from exc
+    if meta.get("format") != POOLED_FORMAT or meta.get("pooling") not in POOLINGS or not meta.get("label_names"):
+        raise CheckpointError(
+            f"{folder / POOLED_HEAD_CONFIG} is not a {POOLED_FORMAT} header (needs format, pooling in "
+            f"{POOLINGS} and label_names); re-save the expert with mergelab.models.hf.save_pooled_classifier"
+        )
+    return meta
+
+
+def save_pooled_classifier(folder: PathLike, encoder: TextEncoder, head: nn.Linear, label_names: list[str],
+                           extra: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    """Write ``encoder`` (base layout, loadable with ``AutoModel``), its tokenizer and ``head`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    names = [str(n) for n in label_names]
+    if not isinstance(head, nn.Linear) or head.out_features != len(names):
+        raise ConfigError(f"a pooled classifier's head must be nn.Linear(d, {len(names)}), got {head}")
+    out = Path(folder)
+    encoder.model.save_pretrained(out)
+    encoder.tokenizer.save_pretrained(out)
+    state = {"weight": head.weight.detach().float().cpu().contiguous(),
+             "bias": head.bias.detach().float().cpu().contiguous()}  # fmt: skip
+    save_file(state, str(out / POOLED_HEAD_WEIGHTS))
+    meta = {"format": POOLED_FORMAT, "version": 1, "pooling": encoder.pooling, "label_names": names,
+            "hidden_size": int(head.in_features), **dict(extra or {})}  # fmt: skip
+    (out / POOLED_HEAD_CONFIG).write_text(json.dumps(meta, indent=1))
+
+
+def load_linear_head(file: Path, num_classes: int) -> nn.Linear:
+    """An ``nn.Linear`` from a safetensors file holding ``weight`` [C, d] and ``bias`` [C]."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-save the expert") from exc
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None or bias is None or weight.ndim != 2 or tuple(bias.shape) != (weight.shape[0],):
+        raise CheckpointError(f"{file} must hold 'weight' [C, d] and 'bias' [C]; got {sorted(state)}")
+    if weight.shape[0] != num_classes:
+        raise CheckpointError(f"{file} has {weight.shape[0]} classes but its header names {num_classes}")
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+    return head.eval()
+
+
+def load_pooled_classifier(path: PathLike, label_names: list[str] | None = None) -> TaskModel:
+    """A pooled-classifier folder (module doc) as encoder + head; ``label_names`` are checked as for HF heads."""
+    folder = Path(path)
+    meta = read_pooled_head_config(folder)
+    head_names = [str(n) for n in meta["label_names"]]
+    if label_names is not None:
+        check_label_names(head_names, list(label_names), f"fine-tuned model {folder}")
+    encoder = load_encoder(folder, folder, pooling=meta["pooling"])
+    head = load_linear_head(folder / POOLED_HEAD_WEIGHTS, len(head_names))
+    width = int(encoder.model.config.hidden_size)
+    if head.in_features != width:
+        raise CheckpointError(f"{folder}: the head reads {head.in_features} features but the encoder gives {width}")
+    names = [str(n) for n in label_names] if label_names is not None else head_names
+    return TaskModel(encoder, head, names)
+
+
 def load_task_model(path: PathLike, label_names: list[str] | None = None) -> TaskModel:
-    """A fine-tuned ``AutoModelForSequenceClassification`` folder as encoder + head.
+    """A fine-tuned classifier folder as encoder + head: a pooled classifier (module doc) or an
+    ``AutoModelForSequenceClassification`` folder.
 
     ``label_names`` (the dataset's classes) must agree with the head's ``id2label`` (DataError otherwise).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     folder = _require_folder(path, "fine-tuned model")
+    if is_pooled_classifier(folder):
+        return load_pooled_classifier(folder, label_names)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     arch = architecture(config.model_type)
     head_names = head_label_names(config)
@@ -237,7 +337,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_encoder(source: PathLike | Mapping[str, torch.Tensor], config_source: PathLike | Any | None = None,
-                 tokenizer: PathLike | Any | None = None) -> TextEncoder:  # fmt: skip
+                 tokenizer: PathLike | Any | None = None, pooling: str | None = None) -> TextEncoder:  # fmt: skip
     """The base encoder (``AutoModel``, float32, eval mode) with the feature its task heads read.
 
     ``source``: a model folder in any layout (bare base such as all-MiniLM-L6-v2, or a fine-tuned classifier), a
@@ -246,6 +346,7 @@ def load_encoder(source: PathLike | Mapping[str, torch.Tensor], config_source: P
     ``config_source``: a folder (or a ``PretrainedConfig``) giving the architecture when ``source`` has no config,
     and the tokenizer unless ``tokenizer`` is given; defaults to ``source`` when that is a folder.
     The pooler is built (and required) exactly when the family's head reads ``pooler_output``.
+    ``pooling`` overrides the family's feature (``mean`` for pooled classifiers); default: the family's own.
     """
     from transformers import AutoConfig, AutoModel, PretrainedConfig
 
@@ -281,7 +382,9 @@ def load_encoder(source: PathLike | Mapping[str, torch.Tensor], config_source: P
         arch = architecture(config.model_type)
         model = AutoModel.from_config(config, **arch.base_kwargs)
         load_base_state(model, _read_weights(folder) if folder is not None else source)
-    return TextEncoder(model.float().eval(), tokenizer, arch.pooling)
+    if pooling is None and folder is not None and is_pooled_classifier(folder):
+        pooling = read_pooled_head_config(folder)["pooling"]  # a pooled classifier's encoder gives its own feature
+    return TextEncoder(model.float().eval(), tokenizer, pooling or arch.pooling)
 
 
 def classifier_head_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -316,6 +419,8 @@ def head_from_state(config: Any, state: Mapping[str, torch.Tensor], label_names:
 def label_names_of(path: PathLike) -> list[str]:
     """The id2label names of a classifier checkpoint's config."""
     folder = _require_folder(path, "classifier")
+    if is_pooled_classifier(folder):
+        return [str(n) for n in read_pooled_head_config(folder)["label_names"]]
     config = json.loads((folder / "config.json").read_text())
     id2label = config.get("id2label") or {}
     if not id2label:
