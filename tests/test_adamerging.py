@@ -18,7 +18,7 @@ def _toy(seed: int = 0):
     return model, base, experts, heads, batches
 
 
-def _features(output: torch.Tensor) -> torch.Tensor:
+def _features(output: torch.Tensor, batch: object) -> torch.Tensor:
     return output
 
 

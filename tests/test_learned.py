@@ -221,7 +221,7 @@ def test_adamerging_lowers_the_entropy_on_a_toy_problem():
     model, base, taus, heads, batches = _toy_adamerging()
     names = list(base)
 
-    def identity(output: torch.Tensor) -> torch.Tensor:
+    def identity(output: torch.Tensor, batch: object) -> torch.Tensor:
         return output
 
     start = torch.full((2, 2), 0.3)
@@ -243,7 +243,7 @@ def test_adamerging_clamp_and_task_granularity():
         params = merged_parameters(base, taus, torch.full((2, 1), 1.5), names, clamp)
         for name in names:
             torch.testing.assert_close(params[name], base[name] + scale * (taus[0][name] + taus[1][name]))
-    lam, _ = learn_coefficients(model, lambda o: o, base, taus, heads, batches, "task", steps=3, lr=1e-2)
+    lam, _ = learn_coefficients(model, lambda o, _batch: o, base, taus, heads, batches, "task", steps=3, lr=1e-2)
     assert lam.shape == (2, 1)
 
 

@@ -152,6 +152,17 @@ def fewshot_pool(task: Any, per_class: int, seed: int) -> Any:
     return dataclasses.replace(task, splits={**task.splits, "train": pool})
 
 
+def fewshot_pool_sizes(eval_tasks: dict[str, Any], per_class: int) -> dict[str, Any]:
+    """Per task: the pool's size, its smallest class, and the pool per class asked for (for the report)."""
+    from collections import Counter
+
+    out = {}
+    for name, task in eval_tasks.items():
+        counts = Counter(int(label) for label in task.splits["train"].labels)
+        out[name] = {"per_class": per_class, "size": sum(counts.values()), "smallest_class": min(counts.values())}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- models
 
 
@@ -404,6 +415,7 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
             ctx.tasks = load_tasks(cfg)
         store.set_meta("provenance", {n: getattr(t, "provenance", {}) for n, t in ctx.tasks.items()})
         ctx.eval_tasks = {n: fewshot_pool(t, cfg.data.fewshot_pool_per_class, cfg.data.seed) for n, t in ctx.tasks.items()}
+        store.set_meta("fewshot_pool", fewshot_pool_sizes(ctx.eval_tasks, cfg.data.fewshot_pool_per_class))
         train_experts(ctx)
         ctx.run_key = hashlib.sha256(
             json.dumps(sorted((n, e.fingerprint, ctx.eval_tasks[n].content_hash()) for n, e in ctx.experts.items()))
