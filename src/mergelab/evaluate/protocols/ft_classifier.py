@@ -18,20 +18,42 @@ uniformly (seeded) instead of k per class; this uses eval inputs, so the outcome
 The head is trained in eval mode (dropout inside the head off) unless ``head_dropout=True``; the reference
 code leaves the merged BERT in train mode (dropout on student features) — features here are cached, so only
 dropout layers inside the head can be switched on.
+
+``solver``: ``"reference"`` (default) is the schedule above, unchanged. ``"converged"`` solves the same problem
+instead of running a fixed number of steps: full-batch L-BFGS (``torch.optim.LBFGS``, strong-Wolfe line search,
+history 100, float64) on the same few-shot inputs from the same initialisation (the fine-tuned head), until the
+largest gradient entry is at most ``tolerance`` (default 1e-6), the KL stops changing (|ΔKL| or the step below
+1e-15, a few float64 ulps), or after ``max_iter`` iterations (default 1000). The schedule options (``lr``, ``epochs``, ``batch_size``, ``full_batch``, ``steps``)
+do not apply to it and are ignored; ``head_dropout`` must stay off (L-BFGS needs a deterministic objective).
+For a linear head on fixed features the objective is convex in (W, b) (soft-target cross-entropy of an affine
+map), so a point where the gradient vanishes is a global minimum; with at least as many feature dimensions as
+samples any teacher logits are reachable and the minimum is KL = 0. A head that is more than a Linear (RoBERTa's
+dense-tanh-out, DistilBERT's pre-classifier + ReLU) makes it non-convex: L-BFGS still runs to a stationary
+point, which need not be the global minimum.
+
+Both solvers record in ``extras``: ``solver``, ``initial_kl`` and ``final_kl`` (full-batch KL on the few-shot
+inputs, in float64, of the head in eval mode — the scored head; for ``converged`` the float64 solution, which is
+scored rounded to the features' dtype — so the two solvers compare directly), ``iterations``
+(Adam steps, or L-BFGS iterations); the converged solver adds ``grad_max`` (max |gradient| at the end),
+``grad_norm`` (its L2 norm), ``tolerance``, ``converged`` (``grad_max ≤ tolerance``), ``stop`` (``gradient``,
+``stalled`` or ``max_iter``) and ``evaluations`` (objective evaluations).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mergelab.errors import ConfigError, DataError
 from mergelab.evaluate import fewshot
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,
     ProtocolOutcome,
     check_labels_fit,
+    frozen_copy,
     head_logits,
     outcome,
     paired_split,
@@ -44,6 +66,10 @@ from mergelab.evaluate.protocols.common import (
 REFERENCE_LR = 5e-4
 REFERENCE_EPOCHS = 5
 PAIR = "merged and fine-tuned"
+SOLVERS = ("reference", "converged")
+CONVERGED_TOLERANCE = 1e-6  # max |gradient| at which the converged solver stops
+CONVERGED_MAX_ITER = 1000
+CONVERGED_CHANGE = 1e-15  # |ΔKL| (and step size) below which L-BFGS has stalled (a few float64 ulps)
 
 
 def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -98,6 +124,97 @@ def refit_head(
     return student.eval(), losses
 
 
+def full_batch_kl(head: torch.nn.Module, features: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    """KL(p_teacher ‖ p_student) of ``head`` in eval mode on the whole set ``features``, in float64."""
+    student = frozen_copy(head).to(device=features.device, dtype=torch.float64)
+    logits = head_logits(student, features.detach().to(torch.float64))
+    return float(kl_teacher_student(logits, teacher_logits.to(device=logits.device, dtype=torch.float64)))
+
+
+def solve_head(
+    head: torch.nn.Module,
+    student_features: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    tolerance: float = CONVERGED_TOLERANCE,
+    max_iter: int = CONVERGED_MAX_ITER,
+    history_size: int = 100,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A deep copy of ``head`` refitted to convergence (the original is untouched) and what the solve did.
+
+    Full-batch L-BFGS with strong-Wolfe line search on KL(p_teacher ‖ p_student), every parameter of the copy
+    trainable, in float64, eval mode; the copy comes back in the features' dtype. Stops when max |gradient| ≤
+    ``tolerance`` (``converged``), when the KL or the step stall below ``CONVERGED_CHANGE``, or after
+    ``max_iter`` iterations. Deterministic: no randomness is involved.
+    """
+    dtype = student_features.dtype
+    student = trainable_copy(head).to(device=student_features.device, dtype=torch.float64).eval()
+    features = student_features.detach().to(torch.float64)
+    teacher = teacher_logits.detach().to(device=features.device, dtype=torch.float64)
+    params = list(student.parameters())
+
+    def gradient() -> tuple[float, float, float]:
+        for param in params:
+            param.grad = None
+        loss = kl_teacher_student(student(features), teacher)
+        loss.backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+        return float(loss.detach()), float(flat.abs().max()), float(flat.norm())
+
+    with torch.enable_grad():
+        initial, _, _ = gradient()
+        optimiser = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=max_iter,
+            max_eval=4 * max_iter,
+            tolerance_grad=tolerance,
+            tolerance_change=CONVERGED_CHANGE,
+            history_size=history_size,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad(set_to_none=False)
+            loss = kl_teacher_student(student(features), teacher)
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        state = optimiser.state[params[0]]
+        final, grad_max, grad_norm = gradient()
+    for param in params:
+        param.grad = None
+        param.requires_grad_(False)
+    iterations = int(state.get("n_iter", 0))
+    converged = grad_max <= tolerance
+    stop = "gradient" if converged else ("max_iter" if iterations >= max_iter else "stalled")
+    info = {
+        "initial_kl": initial,
+        "final_kl": final,
+        "iterations": iterations,
+        "evaluations": int(state.get("func_evals", 0)),
+        "grad_max": grad_max,
+        "grad_norm": grad_norm,
+        "tolerance": float(tolerance),
+        "converged": bool(converged),
+        "stop": stop,
+    }
+    if not all(math.isfinite(v) for v in (initial, final, grad_max)):
+        raise DataError(
+            f"ft_classifier solver 'converged': the KL or its gradient is not finite ({info}); "
+            "check the features and the head for NaN or inf"
+        )
+    return student.to(dtype=dtype).eval(), info
+
+
+def reference_steps(count: int, epochs: int, batch_size: int, full_batch: bool, steps: int | None) -> int:
+    """Number of Adam updates of the reference schedule on ``count`` samples."""
+    if full_batch:
+        return epochs * count if steps is None else steps
+    return epochs * math.ceil(count / batch_size)
+
+
 def ft_classifier(
     ctx: ProtocolContext,
     *,
@@ -110,10 +227,22 @@ def ft_classifier(
     steps: int | None = None,
     sample_fraction: float | None = None,
     head_dropout: bool = False,
+    solver: str = "reference",
+    tolerance: float = CONVERGED_TOLERANCE,
+    max_iter: int = CONVERGED_MAX_ITER,
     **options: Any,
 ) -> ProtocolOutcome:
-    """FT-Classifier Eval: ``shots`` unlabelled train inputs per class drawn with ``seed`` (module doc)."""
+    """FT-Classifier Eval: ``shots`` unlabelled train inputs per class drawn with ``seed`` (module doc);
+    ``solver="converged"`` solves the head refit by L-BFGS instead of running the reference schedule."""
     reject_unknown_options("ft_classifier", options, ft_classifier)
+    if solver not in SOLVERS:
+        raise ConfigError(f"protocol 'ft_classifier': option 'solver' must be one of {', '.join(SOLVERS)}; "
+                          f"got {solver!r}")  # fmt: skip
+    positive("ft_classifier", "tolerance", tolerance)
+    positive("ft_classifier", "max_iter", max_iter, integer=True)
+    if solver == "converged" and head_dropout:
+        raise ConfigError("protocol 'ft_classifier': solver 'converged' needs a deterministic objective; "
+                          "drop head_dropout or use solver 'reference'")  # fmt: skip
     positive("ft_classifier", "lr", lr)
     positive("ft_classifier", "epochs", epochs, integer=True)
     positive("ft_classifier", "batch_size", batch_size, integer=True)
@@ -133,9 +262,16 @@ def ft_classifier(
         what = f"task '{ctx.task}' train split"
         index = fewshot.sample_per_class(merged_pool.labels, shots, seed, num_classes=classes, what=what)
     teacher = head_logits(ctx.head, finetuned_pool.features[index])
+    inputs = merged_pool.features[index]
+    if solver == "converged":
+        student, info = solve_head(ctx.head, inputs, teacher, tolerance=tolerance, max_iter=max_iter)
+        logits = head_logits(student, eval_split.features)
+        check_labels_fit(ctx.task, eval_split, logits.shape[1], ctx.eval_split)
+        return outcome(logits, eval_split.labels, transductive, samples=len(index), train_loss=info["final_kl"],
+                       solver=solver, **info)  # fmt: skip
     student, losses = refit_head(
         ctx.head,
-        merged_pool.features[index],
+        inputs,
         teacher,
         seed=seed,
         lr=lr,
@@ -148,5 +284,14 @@ def ft_classifier(
     logits = head_logits(student, eval_split.features)
     check_labels_fit(ctx.task, eval_split, logits.shape[1], ctx.eval_split)
     return outcome(
-        logits, eval_split.labels, transductive, samples=len(index), train_loss=losses[-1], losses=losses
+        logits,
+        eval_split.labels,
+        transductive,
+        samples=len(index),
+        train_loss=losses[-1],
+        losses=losses,
+        solver=solver,
+        initial_kl=full_batch_kl(ctx.head, inputs, teacher),
+        final_kl=full_batch_kl(student, inputs, teacher),
+        iterations=reference_steps(len(index), epochs, batch_size, full_batch, steps),
     )
