@@ -48,7 +48,8 @@ def test_eval_cli_writes_rows_and_prints_table(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert {"protocol", "task", "seed", "shots", "accuracy", "transductive"} <= set(rows[0])
     protocols = {r["protocol"] for r in rows}
-    assert protocols == {"current", "knn", "aligned:procrustes", "ft_classifier", "linear_probe", "ensemble"}
+    assert protocols == {"current", "knn", "aligned:procrustes", "aligned-control:procrustes", "ft_classifier",
+                         "ft_classifier:converged", "linear_probe", "ensemble"}  # fmt: skip
     assert len([r for r in rows if r["protocol"] == "knn"]) == 2 * 2 * 2  # tasks × seeds × shots
     assert all(r["transductive"] for r in rows if r["protocol"].startswith("aligned"))
 

@@ -21,14 +21,33 @@ from mergelab.bench.store import ResultStore
 from mergelab.io.writer import atomic_write_text
 
 PROTOCOL_NAMES = {
-    "current": "Current", "knn": "KNN", "ft_classifier": "FT-Classifier", "linear_probe": "Linear probe",
+    "current": "Current", "knn": "KNN", "ft_classifier": "FT-Classifier (reference schedule)",
+    "ft_classifier:converged": "FT-Classifier (converged, L-BFGS)", "linear_probe": "Linear probe",
     "ensemble": "Ensemble", "surgery": "Surgery",
 }  # fmt: skip
+FT_CLASSIFIERS = ("ft_classifier", "ft_classifier:converged")  # stored names: reference schedule, solved refit
+
+
+ALIGNED_KINDS = {  # stored-name prefix of an aligned cell → (fit, control)
+    "aligned": ("cross-fitted", False), "aligned-control": ("cross-fitted", True),
+    "aligned-insample": ("in-sample", False), "aligned-insample-control": ("in-sample", True),
+}  # fmt: skip
+ALIGNED_FAMILIES = ("affine", "linear", "invertible", "euclidean", "orthogonal", "scaling", "procrustes")
+
+
+def aligned_kind(protocol: str) -> tuple[str, str, bool] | None:
+    """(transform, fit label, is the shuffled-pairs control) of an aligned stored name, else None."""
+    prefix, _, transform = protocol.partition(":")
+    if not transform or prefix not in ALIGNED_KINDS:
+        return None
+    return (transform, *ALIGNED_KINDS[prefix])
 
 
 def protocol_label(protocol: str) -> str:
-    if protocol.startswith("aligned:"):
-        return f"Aligned ({protocol.split(':', 1)[1]})"
+    kind = aligned_kind(protocol)
+    if kind:
+        transform, fit, control = kind
+        return f"Aligned {transform}: shuffled-pairs control ({fit})" if control else f"Aligned {transform} ({fit})"
     return PROTOCOL_NAMES.get(protocol, protocol)
 
 
@@ -68,7 +87,7 @@ def _cell(values: list[float]) -> Cell:
 
 
 def table_shots(rows: list[dict[str, Any]], preferred: int = 5) -> int:
-    shots = sorted({r["shots"] for r in rows if r["protocol"] in ("knn", "ft_classifier")})
+    shots = sorted({r["shots"] for r in rows if r["protocol"] in ("knn", *FT_CLASSIFIERS)})
     if not shots:
         return 0
     return preferred if preferred in shots else shots[-1]
@@ -94,12 +113,12 @@ def main_table(rows: list[dict[str, Any]], tasks: list[str], shots: int,
         candidates += [
             (method, ("merged", method, "current", 0)),
             (f"{method} + KNN ({shots}-shot)", ("merged", method, "knn", shots)),
-            (f"{method} + FT-Classifier ({shots}-shot)", ("merged", method, "ft_classifier", shots)),
+            *[(f"{method} + {protocol_label(p)} ({shots}-shot)", ("merged", method, p, shots)) for p in FT_CLASSIFIERS],
         ]
     candidates += [
         ("Pretrained (Current)", ("pretrained", "pretrained", "current", 0)),
         (f"Pretrained + KNN ({shots}-shot)", ("pretrained", "pretrained", "knn", shots)),
-        (f"Pretrained + FT-Classifier ({shots}-shot)", ("pretrained", "pretrained", "ft_classifier", shots)),
+        *[(f"Pretrained + {protocol_label(p)} ({shots}-shot)", ("pretrained", "pretrained", p, shots)) for p in FT_CLASSIFIERS],
         ("Ensemble of the fine-tuned encoders (features)", ("ensemble", "ensemble", "ensemble", 0)),
     ]
     for label, key in candidates:
@@ -149,43 +168,134 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def aligned_series(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str, str, bool], float],
+                                                       dict[str, float]]:  # fmt: skip
+    """(methods, families, {(method, family, fit, control): task-average accuracy}, {method: mean majority-class
+    rate over its tasks}) of the merged models' aligned cells."""
+    agg = aggregate([r for r in rows if r["model"] == "merged"])
+    values: dict[tuple[str, str, str, bool], float] = {}
+    for (_, method, protocol, _), cells in agg.items():
+        kind = aligned_kind(protocol)
+        if kind and "Avg" in cells:
+            values[(method, *kind)] = cells["Avg"].mean
+    methods = [m for m in method_order(rows) if any(k[0] == m for k in values)]
+    present = {k[1] for k in values}
+    families = [f for f in ALIGNED_FAMILIES if f in present] + sorted(present - set(ALIGNED_FAMILIES))
+    chance: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        extras = row.get("extras")
+        if row["model"] == "merged" and aligned_kind(row["protocol"]) and isinstance(extras, dict):
+            if "chance_majority" in extras:
+                chance[row["method"]][row["task"]] = float(extras["chance_majority"])
+    return methods, families, values, {m: mean(c.values()) for m, c in chance.items() if c}
+
+
 def figure_aligned(rows: list[dict[str, Any]]) -> bytes | None:
-    """Figure 4: average accuracy of each aligned transform per method, beside Current and fine-tuned."""
+    """Figure 4: per merged method, each aligned family's cross-fitted accuracy with its shuffled-pairs noise
+    control beside it (grey, hatched), in-sample fits (if run) labelled as such, and the fine-tuned bound, the
+    method's Current accuracy and chance (majority-class rate) as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agg = aggregate(rows)
-    methods = [m for m in method_order(rows) if any(k[1] == m and k[2].startswith("aligned:") for k in agg)]
+    methods, families, values, chance = aligned_series(rows)
     if not methods:
         return None
-    transforms = sorted({k[2] for k in agg if k[2].startswith("aligned:")})
-    bars = ["current", *transforms]
+    agg = aggregate(rows)
     finetuned = agg.get(("finetuned", "individual", "current", 0), {}).get("Avg")
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(methods) * len(bars) / 3), 4))
-    width = 0.8 / len(bars)
-    for j, protocol in enumerate(bars):
-        values = [100 * agg.get(("merged", m, protocol, 0), {}).get("Avg", Cell(math.nan, 0, 0)).mean for m in methods]
-        ax.bar([i + j * width for i in range(len(methods))], values, width, label=protocol_label(protocol))
-    if finetuned:
-        ax.axhline(100 * finetuned.mean, color="black", linestyle="--", label="Fine-tuned")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods)
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_title("Aligned transforms (transductive: fitted on unlabelled test inputs)")
-    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    styles = [  # (fit, control, legend label, bar style)
+        ("cross-fitted", False, "cross-fitted", {"color": "C0"}),
+        ("cross-fitted", True, "shuffled-pairs control (cross-fitted)",
+         {"color": "0.75", "hatch": "//", "edgecolor": "0.4"}),
+        ("in-sample", False, "in-sample (fit = scored items)", {"color": "C1", "alpha": 0.6}),
+        ("in-sample", True, "shuffled-pairs control (in-sample)", {"color": "0.9", "hatch": "..", "edgecolor": "0.5"}),
+    ]  # fmt: skip
+    styles = [s for s in styles if any((m, f, s[0], s[1]) in values for m in methods for f in families)]
+    panel = max(3.0, 0.3 * len(families) * len(styles) + 1.2)
+    cols = max(1, min(3, len(methods), int(18 // panel)))
+    rows_n = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(panel * cols + 2.5, 3.6 * rows_n), squeeze=False, sharey=True)
+    width = 0.8 / len(styles)
+    for ax, method in zip(axes.flat, methods, strict=False):
+        for j, (fit, control, label, style) in enumerate(styles):
+            ys = [100 * values.get((method, f, fit, control), math.nan) for f in families]
+            ax.bar([i + j * width for i in range(len(families))], ys, width, label=label, **style)
+        if finetuned:
+            ax.axhline(100 * finetuned.mean, color="black", linestyle="--", linewidth=1, label="fine-tuned bound")
+        current = agg.get(("merged", method, "current", 0), {}).get("Avg")
+        if current:
+            ax.axhline(100 * current.mean, color="C3", linestyle="-.", linewidth=1, label="Current (no map)")
+        if method in chance:
+            ax.axhline(100 * chance[method], color="0.3", linestyle=":", linewidth=1, label="chance (majority class)")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(families))], families, rotation=45, fontsize=8)
+        ax.set_title(method, fontsize=9)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("average accuracy (%)")
+    fig.suptitle("Aligned transforms, fitted on unlabelled test inputs (transductive): held-out (cross-fitted) "
+                 "accuracy vs its shuffled-pairs noise control", fontsize=9)  # fmt: skip
+    axes[0][cols - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
     return _png(fig)
 
 
+CONTROL_TOLERANCE = 0.05  # a cross-fitted noise control more than this from chance (majority rate) is flagged
+
+
+def aligned_table(rows: list[dict[str, Any]]) -> str:
+    """Figure 4's numbers: per merged method and family, the task-average accuracy cross-fitted, of its noise
+    control, chance (majority-class rate) and in-sample (when run); the check column flags a cross-fitted control
+    more than 5 points from chance on any task."""
+    methods, families, values, chance = aligned_series(rows)
+    if not methods:
+        return ""
+    gaps: dict[tuple[str, str], float] = defaultdict(float)
+    for row in rows:
+        kind = aligned_kind(row["protocol"])
+        extras = row.get("extras")
+        if row["model"] == "merged" and kind and kind[1:] == ("cross-fitted", True) and isinstance(extras, dict):
+            if "chance_majority" in extras:
+                gap = abs(float(row["accuracy"]) - float(extras["chance_majority"]))
+                gaps[(row["method"], kind[0])] = max(gaps[(row["method"], kind[0])], gap)
+    in_sample = any(k[2] == "in-sample" for k in values)
+
+    def pct(key: tuple[str, str, str, bool]) -> str:
+        return f"{100 * values[key]:.1f}" if key in values else "–"
+
+    lines = []
+    for method in methods:
+        for family in families:
+            if not any(k[:2] == (method, family) for k in values):
+                continue
+            check = "–"
+            if (method, family) in gaps:
+                gap = gaps[(method, family)]
+                check = "✓" if gap <= CONTROL_TOLERANCE else f"⚠ {100 * gap:.1f} pt from chance"
+            line = [method, family, pct((method, family, "cross-fitted", False)),
+                    pct((method, family, "cross-fitted", True)),
+                    f"{100 * chance[method]:.1f}" if method in chance else "–", check]  # fmt: skip
+            if in_sample:
+                line += [pct((method, family, "in-sample", False)), pct((method, family, "in-sample", True))]
+            lines.append(line)
+    header = ["method", "family", "cross-fitted †", "shuffled-pairs control †", "chance (majority)",
+              "control within 5 pt of chance (every task)"]  # fmt: skip
+    if in_sample:
+        header += ["in-sample †", "in-sample control †"]
+    return markdown_table(header, lines)
+
+
 def figure_shots(rows: list[dict[str, Any]]) -> bytes | None:
-    """Figure 5: average accuracy against shots for Current (flat), KNN and FT-Classifier, per method."""
+    """Figure 5: average accuracy against shots for Current (flat), KNN and FT-Classifier (reference schedule and
+    converged), per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     agg = aggregate(rows)
-    methods = [m for m in method_order(rows) if any(k[1] == m and k[2] in ("knn", "ft_classifier") for k in agg)]
+    methods = [m for m in method_order(rows) if any(k[1] == m and k[2] in ("knn", *FT_CLASSIFIERS) for k in agg)]
     if not methods:
         return None
     cols = min(4, len(methods))
@@ -193,7 +303,7 @@ def figure_shots(rows: list[dict[str, Any]]) -> bytes | None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.8 * rows_n), squeeze=False, sharey=True)
     for ax, method in zip(axes.flat, methods, strict=False):
         current = agg.get(("merged", method, "current", 0), {}).get("Avg")
-        for protocol, style in (("knn", "o-"), ("ft_classifier", "s-")):
+        for protocol, style in (("knn", "o-"), ("ft_classifier", "s-"), ("ft_classifier:converged", "^--")):
             points = sorted((k[3], c["Avg"]) for k, c in agg.items()
                             if k[:3] == ("merged", method, protocol) and "Avg" in c)  # fmt: skip
             if points:
@@ -297,6 +407,201 @@ def figure_tsne(run_dir: Path) -> bytes | None:
     return _png(fig)
 
 
+# ----------------------------------------------------- FT-Classifier solvers, does the protocol change the verdict
+
+
+def ft_kl_table(rows: list[dict[str, Any]]) -> str:
+    """Per model kind, shot count and FT-Classifier solver: the mean full-batch KL on the few-shot inputs before
+    and after the head refit (the objective both solvers minimise), mean iterations, and how many refits met the
+    gradient tolerance (converged solver only). Rows without the KL in their extras (older runs) are skipped."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        extras = row.get("extras")
+        if row["protocol"] in FT_CLASSIFIERS and isinstance(extras, dict) and "final_kl" in extras:
+            groups[(row["model"], row["shots"], row["protocol"])].append(extras)
+    lines = []
+    for (model, shots, protocol), extras in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                  FT_CLASSIFIERS.index(kv[0][2]))):  # fmt: skip
+        initial = [float(e["initial_kl"]) for e in extras if "initial_kl" in e]
+        iterations = [float(e["iterations"]) for e in extras if "iterations" in e]
+        met = [bool(e["converged"]) for e in extras if "converged" in e]
+        lines.append([model, str(shots), protocol_label(protocol), str(len(extras)),
+                      f"{mean(initial):.4g}" if initial else "–", f"{mean(float(e['final_kl']) for e in extras):.4g}",
+                      f"{max(float(e['final_kl']) for e in extras):.4g}", f"{mean(iterations):.0f}" if iterations else "–",
+                      f"{sum(met)}/{len(met)}" if met else "–"])  # fmt: skip
+    header = ["model", "shots", "solver", "refits", "mean initial KL", "mean final KL", "max final KL",
+              "mean iterations", "gradient tolerance met"]  # fmt: skip
+    return markdown_table(header, lines) if lines else ""
+
+
+VERDICT_PROTOCOLS = ("current", "knn", *FT_CLASSIFIERS, "linear_probe")
+
+
+def verdict_scores(rows: list[dict[str, Any]], shots: int,
+                   methods: list[str] | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
+    """protocol → merged method → task-average test accuracy (mean over seeds): few-shot protocols at ``shots``,
+    the others (Current, the aligned families — fitted, not their shuffled-pairs controls) at their single cell.
+    Protocols no method has are left out."""
+    agg = aggregate([r for r in rows if r["model"] == "merged"])
+    aligned = sorted({k[2] for k in agg if k[2].split(":", 1)[0] in ("aligned", "aligned-insample") and ":" in k[2]})
+    out: dict[str, dict[str, float]] = {}
+    for protocol in (*VERDICT_PROTOCOLS, *aligned):
+        scores = {}
+        for method in method_order(rows, methods):
+            cell = next((agg[key]["Avg"] for key in (("merged", method, protocol, shots), ("merged", method, protocol, 0))
+                         if key in agg and "Avg" in agg[key]), None)  # fmt: skip
+            if cell is not None:
+                scores[method] = cell.mean
+        if scores:
+            out[protocol] = scores
+    return out
+
+
+def rank_methods(scores: dict[str, float]) -> dict[str, float]:
+    """Rank of each method, 1 = highest score; tied scores share the mean of the ranks they span."""
+    ordered = sorted(scores.values(), reverse=True)
+    return {m: mean(i + 1 for i, v in enumerate(ordered) if v == s) for m, s in scores.items()}
+
+
+def kendall_matrix(scores: dict[str, dict[str, float]]) -> dict[tuple[str, str], float]:
+    """Kendall τ (τ-b, ties allowed) between every ordered pair of protocols, over the methods both scored; NaN
+    when fewer than two methods are shared or one side ranks them all equal."""
+    import warnings
+
+    from scipy.stats import kendalltau
+
+    out: dict[tuple[str, str], float] = {}
+    for a, sa in scores.items():
+        for b, sb in scores.items():
+            common = [m for m in sa if m in sb]
+            tau = math.nan
+            if len(common) >= 2 and len({sa[m] for m in common}) > 1 and len({sb[m] for m in common}) > 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tau = float(kendalltau([sa[m] for m in common], [sb[m] for m in common]).statistic)
+            out[(a, b)] = tau
+    return out
+
+
+def biggest_movers(scores: dict[str, dict[str, float]], base: str = "current") -> dict[str, list[tuple[str, float, float]]]:
+    """For every protocol but ``base``: the methods whose rank moves most from ``base`` to it, as (method, rank
+    under base, rank under it), ranks among the methods both scored; every method tied for the largest move,
+    none when no rank moves."""
+    if base not in scores:
+        return {}
+    out: dict[str, list[tuple[str, float, float]]] = {}
+    for protocol, other in scores.items():
+        if protocol == base:
+            continue
+        common = [m for m in scores[base] if m in other]
+        before = rank_methods({m: scores[base][m] for m in common})
+        after = rank_methods({m: other[m] for m in common})
+        largest = max((abs(after[m] - before[m]) for m in common), default=0.0)
+        out[protocol] = [(m, before[m], after[m]) for m in common if largest > 0 and abs(after[m] - before[m]) == largest]
+    return out
+
+
+def _rank_text(rank: float) -> str:
+    return f"{rank:g}"
+
+
+def verdict_section(rows: list[dict[str, Any]], shots: int, methods: list[str] | None = None) -> str:
+    """The ranking of the merged methods under each protocol, Kendall τ between protocols, the biggest movers."""
+    scores = verdict_scores(rows, shots, methods)
+    if len(scores) < 2 or max(len(s) for s in scores.values()) < 2:
+        return ""
+    protocols = list(scores)
+
+    merged = [r for r in rows if r["model"] == "merged"]  # † where the protocol itself is (every row of it)
+    transductive = {p for p in protocols if all(r["transductive"] for r in merged if r["protocol"] == p)}
+
+    def label(protocol: str) -> str:
+        return protocol_label(protocol) + (" †" if protocol in transductive else "")
+
+    ranks = {p: rank_methods(s) for p, s in scores.items()}
+    names = method_order(rows, methods)
+    rank_lines = [[m, *[f"{_rank_text(ranks[p][m])} ({100 * scores[p][m]:.1f})" if m in scores[p] else "–"
+                        for p in protocols]] for m in names if any(m in s for s in scores.values())]  # fmt: skip
+    taus = kendall_matrix(scores)
+    tau_lines = [[label(a), *[("–" if math.isnan(taus[(a, b)]) else f"{taus[(a, b)]:+.2f}") for b in protocols]]
+                 for a in protocols]  # fmt: skip
+    parts = [
+        f"Merged methods (each at its chosen grid value) ranked by task-average test accuracy, mean over seeds; "
+        f"few-shot protocols at {shots} shots per class. Rank 1 = best; the accuracy (%) is in brackets; † "
+        "transductive. τ = Kendall's τ-b over the methods both protocols scored (+1: same order, −1: reversed).",
+        markdown_table(["method", *[label(p) for p in protocols]], rank_lines),
+        "Kendall τ between the protocols' rankings:",
+        markdown_table(["τ", *[label(p) for p in protocols]], tau_lines),
+    ]
+    movers = biggest_movers(scores)
+    if movers:
+        mover_lines = []
+        for protocol, moved in movers.items():
+            tau = taus.get(("current", protocol), math.nan)
+            text = "; ".join(f"{m} {_rank_text(r0)} → {_rank_text(r1)}" for m, r0, r1 in moved) or "no rank moves"
+            mover_lines.append([label(protocol), "–" if math.isnan(tau) else f"{tau:+.2f}", text])
+        parts += ["Methods whose rank moves most from Current (rank under Current → rank under the protocol):",
+                  markdown_table(["protocol", "τ with Current", "biggest movers"], mover_lines)]  # fmt: skip
+    return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------------------------- experts: are the bounds bounds?
+
+
+def expert_verdict(info: dict[str, Any]) -> str:
+    """'✓', or the flags an expert raises: below its frozen-encoder probe, below the majority-class rate."""
+    flags = []
+    for key, flag, other in (("below_probe", "below probe", "probe_accuracy"),
+                             ("below_majority", "below majority", "majority_rate")):  # fmt: skip
+        below = info.get(key)
+        if below is None and info.get("test_accuracy") is not None and info.get(other) is not None:
+            below = float(info["test_accuracy"]) < float(info[other])
+        if below:
+            flags.append(flag)
+    return "⚠ " + ", ".join(flags) if flags else "✓"
+
+
+def experts_table(experts: dict[str, dict[str, Any]]) -> str:
+    """task | expert test acc | frozen-encoder probe | majority rate | head moved | steps | verdict."""
+
+    def pct(value: Any) -> str:
+        return f"{100 * float(value):.1f}" if value is not None else "–"
+
+    lines = []
+    for task, info in experts.items():
+        shift = info.get("head_shift")
+        lines.append([task, pct(info.get("test_accuracy")), pct(info.get("probe_accuracy")),
+                      pct(info.get("majority_rate")), f"{float(shift):.3f}" if shift is not None else "–",
+                      str(info.get("steps", "–")), expert_verdict(info)])  # fmt: skip
+    header = ["task", "expert test acc (%)", "frozen-encoder probe (%)", "majority rate (%)",
+              "head moved ‖W−W₀‖/‖W₀‖", "steps", "verdict"]  # fmt: skip
+    return markdown_table(header, lines) if lines else ""
+
+
+def figure_expert_losses(experts: dict[str, dict[str, Any]]) -> bytes | None:
+    """The experts' train loss per step, one line per task (a running mean over ~2 % of the steps)."""
+    curves = {task: [float(v) for v in info.get("losses") or []] for task, info in experts.items()}
+    curves = {task: values for task, values in curves.items() if values}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for task, values in curves.items():
+        window = max(1, len(values) // 50)
+        smooth = [mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        ax.plot(range(1, len(values) + 1), smooth, label=task, linewidth=1.2)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("train loss (running mean)")
+    ax.set_title("Experts' fine-tuning: train loss per step")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+
 # ----------------------------------------------------------------------------------------------------- report
 
 
@@ -306,7 +611,9 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     with ResultStore(run_dir / "results.sqlite") as store:
         rows = store.rows("test")
         meta = {key: store.get_meta(key)
-                for key in ("config", "chosen", "selection", "provenance", "versions", "timings", "learned")}  # fmt: skip
+                for key in ("config", "chosen", "selection", "provenance", "versions", "timings", "learned",
+                            "fewshot_pool")}  # fmt: skip
+        meta["experts"] = store.get_meta("experts", {})
     if not rows:
         from mergelab.errors import MergelabError
 
@@ -318,6 +625,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     md_lines = [[label + (" †" if transductive else ""), *cells] for label, cells, transductive in table]
     figures = {"fig4_aligned.png": figure_aligned(rows), "fig5_shots.png": figure_shots(rows),
                "fig1_tsne.png": figure_tsne(run_dir), "fig7_surgery.png": figure_surgery(rows)}  # fmt: skip
+    figures["fig_expert_losses.png"] = figure_expert_losses(meta.get("experts") or {})
     for name, data in figures.items():
         if data:
             (run_dir / name).write_bytes(data)
@@ -329,8 +637,35 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         "## Table 2 (+ Table 3's pretrained rows and the ensemble)",
         markdown_table(header, md_lines),
     ]
+    experts = experts_table(meta.get("experts") or {})
+    if experts:
+        sections += ["## Experts: are the upper bounds bounds?",
+                     "Each expert against the frozen-encoder linear probe and the majority-class rate (an expert "
+                     "that does not beat its probe is under-trained, so no upper bound); head moved = relative "
+                     "change of the head weight during fine-tuning. Train-loss curves: fig_expert_losses.png.",
+                     experts]  # fmt: skip
+    kl = ft_kl_table(rows)
+    if kl:
+        sections += ["## FT-Classifier: reference schedule vs the solved head refit",
+                     "The reference schedule is the paper's code (Adam 5e-4, 5 epochs, batch 1: 5·k·C steps); the "
+                     "converged solver minimises the same KL(p_fine-tuned ‖ p_student) on the same few-shot inputs "
+                     "from the same initialisation by full-batch L-BFGS until max |gradient| ≤ tolerance (default "
+                     "1e-6). KL = full-batch "
+                     "KL on those inputs (convex in a linear head, so the converged value is its minimum).",
+                     kl]  # fmt: skip
+    verdict = verdict_section(rows, shots, config_methods(meta.get("config")))
+    if verdict:
+        sections += ["## Does the protocol change the verdict?", verdict]
     if other:
         sections += ["## Every protocol (average over tasks)", other]
+    aligned = aligned_table(rows)
+    if aligned:
+        sections += ["## Figure 4: aligned transforms (average accuracy %, † transductive)",
+                     "Each family is fitted on half of the unlabelled test inputs and scored on the other half, both "
+                     "ways (every item scored once, by the map that did not see it); the control is the same fit "
+                     "with the merged rows shuffled against the fine-tuned rows, so it should score chance. "
+                     "In-sample columns (if run) fit and score the same items: they measure capacity, not "
+                     "alignment.", aligned]  # fmt: skip
     surgery = surgery_table(rows)
     if surgery:
         sections += ["## Figure 7: FT-Classifier vs Representation Surgery (average accuracy %, equal unlabelled "
@@ -414,6 +749,9 @@ def facts(meta: dict[str, Any]) -> str:
     ]
     for task, info in (meta.get("provenance") or {}).items():
         lines.append(f"- data `{task}`: {json.dumps(info, sort_keys=True)}")
+    for task, pool in (meta.get("fewshot_pool") or {}).items():
+        lines.append(f"- few-shot pool `{task}`: {pool['size']} train examples ({pool['per_class']} per class asked, "
+                     f"smallest class {pool['smallest_class']}); each seed draws its k per class from it")
     if meta.get("versions"):
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     if meta.get("timings"):

@@ -19,18 +19,31 @@ def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int, tra
                  protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
                  ) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
     """(stored name, protocol, options, seed, shots) for every cell; deterministic protocols run once (Surgery
-    also runs per seed and shot count on k × C inputs, unless ``protocol_options`` fix its ``samples``)."""
+    also runs per seed and shot count on k × C inputs, unless ``protocol_options`` fix its ``samples``).
+    FT-Classifier runs with both solvers, stored as ``ft_classifier`` (reference schedule) and
+    ``ft_classifier:converged`` (L-BFGS to convergence), unless ``protocol_options`` fix its ``solver``.
+    Aligned runs each transform cross-fitted (``aligned:{t}``) and as its shuffled-pairs noise control
+    (``aligned-control:{t}``); with ``fit: in_sample`` the names are ``aligned-insample[-control]:{t}``; a fixed
+    ``control`` option keeps only that cell."""
     from mergelab.evaluate.protocols.common import get_protocol
 
     cells = []
     for protocol in protocols:
         info = get_protocol(protocol)
-        if protocol == "aligned":
-            cells += [(f"aligned:{t}", "aligned", {"transform": t}, 0, 0) for t in transforms]
+        if protocol == "aligned":  # per family: cross-fitted (or in-sample) fit and its shuffled-pairs control
+            from mergelab.evaluate.protocols.aligned import aligned_cells
+
+            options = (protocol_options or {}).get(protocol, {})
+            cells += [(stored, protocol, opts, 0, 0) for stored, opts in aligned_cells(transforms, options)]
         elif protocol == "surgery":  # on every eval input, and on k × C of them (FT-Classifier's count, Figure 7)
             cells.append((protocol, protocol, {}, 0, 0))
             if "samples" not in (protocol_options or {}).get(protocol, {}):
                 cells += [(protocol, protocol, {"samples_per_class": k}, seed, k) for seed in range(seeds) for k in shots]
+        elif protocol == "ft_classifier":  # both solvers (reference schedule, converged), unless options fix one
+            fixed = (protocol_options or {}).get(protocol, {}).get("solver")
+            for solver in [fixed] if fixed else ["reference", "converged"]:
+                stored = protocol if solver == "reference" else f"{protocol}:{solver}"
+                cells += [(stored, protocol, {"solver": solver}, seed, k) for seed in range(seeds) for k in shots]
         elif info.deterministic:
             cells.append((protocol, protocol, {}, 0, 0))
         else:
@@ -80,10 +93,15 @@ def evaluate(
     experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
     expert_fp = {name: checkpoint_fingerprint(path) for name, path in finetuned.items()}
     first = next(iter(finetuned.values()))
+    poolings = {name: getattr(model.encoder, "pooling", None) for name, model in experts.items()}
+    if len(set(poolings.values())) > 1:
+        raise ConfigError(f"the fine-tuned models read different features {poolings}; evaluate one kind at a time")
+    pooling = next(iter(poolings.values()))  # the merged encoder feeds the experts' heads their own feature
     if isinstance(merged, Mapping):
-        encoder, merged_fp = load_encoder(dict(merged), first), state_dict_fingerprint(dict(merged))
+        encoder = load_encoder(dict(merged), first, pooling=pooling)
+        merged_fp = state_dict_fingerprint(dict(merged))
     else:
-        encoder, merged_fp = load_encoder(merged, first), checkpoint_fingerprint(merged)
+        encoder, merged_fp = load_encoder(merged, first, pooling=pooling), checkpoint_fingerprint(merged)
 
     def feats(enc: torch.nn.Module, fp: str, task: Any) -> Any:
         splits = tuple(s for s in ("train", "validation", "test") if s in task.splits)
