@@ -106,20 +106,43 @@ def naive_ties_vector(v: torch.Tensor, density: float, disjoint: str, scales: li
     return scales[0] * merged if uniform else merged
 
 
+def naive_mergekit_ties_tensor(ts: list[torch.Tensor], density: float, disjoint: str, scales: list[float]):
+    """mergekit 0.1.5 ``ties`` on one tensor, as its code reads: keep the first max(1, int(density·n)) entries of
+    argsort(|τ|, descending) (all for density ≥ 1, none for ≤ 0), multiply by the weights, γ = +1 where the
+    sum is ≥ 0, keep sign(τ̂) == γ, sum (``normalize`` false) or divide by the kept count (true, equal weights)."""
+    rows = []
+    for tau in ts:
+        w = tau.reshape(-1)
+        if density >= 1:
+            rows.append(w)
+            continue
+        mask = torch.zeros_like(w)
+        if density > 0:
+            mask[torch.argsort(w.abs(), descending=True)[: max(1, int(density * w.numel()))]] = 1
+        rows.append(w * mask)
+    v = torch.stack(rows) * torch.tensor(scales).unsqueeze(1)
+    gamma = (v.sum(0) >= 0).float() * 2 - 1
+    keep = (v.sign() == gamma).float()
+    merged = (v * keep).sum(0)
+    if disjoint == "mean":
+        count = keep.sum(0)
+        count[count == 0] = 1
+        merged = merged / count
+    return merged.reshape(ts[0].shape)
+
+
 def naive_ties_delta(taus: dict[str, list[torch.Tensor]], density, scope, disjoint, scales) -> State:
+    if scope == "per_tensor":
+        return {n: naive_mergekit_ties_tensor(ts, density, disjoint, scales) for n, ts in taus.items()}
     names = list(taus)
     flat = {n: torch.stack([t.reshape(-1) for t in taus[n]]) for n in names}
     out = {}
-    if scope == "global":
-        merged = naive_ties_vector(torch.cat([flat[n] for n in names], dim=1), density, disjoint, scales)
-        offset = 0
-        for n in names:
-            size = flat[n].shape[1]
-            out[n] = merged[offset : offset + size].reshape(taus[n][0].shape)
-            offset += size
-    else:
-        for n in names:
-            out[n] = naive_ties_vector(flat[n], density, disjoint, scales).reshape(taus[n][0].shape)
+    merged = naive_ties_vector(torch.cat([flat[n] for n in names], dim=1), density, disjoint, scales)
+    offset = 0
+    for n in names:
+        size = flat[n].shape[1]
+        out[n] = merged[offset : offset + size].reshape(taus[n][0].shape)
+        offset += size
     return out
 
 
@@ -372,16 +395,26 @@ def test_model_stock_identical_task_vectors_return_the_fine_tuned_weights():
 # --------------------------------------------------------------------------------------- hand-checked TIES
 
 
-@pytest.mark.parametrize("scope", ["global", "per_tensor"])
-@pytest.mark.parametrize(("disjoint", "expected"), [("sum", [2.0, 4.5, 3.75]), ("mean", [2.0, 3.25, 3.75])])
+@pytest.mark.parametrize(
+    ("scope", "disjoint", "expected"),
+    [
+        ("global", "sum", [2.0, 4.5, 3.75]),
+        ("global", "mean", [2.0, 3.25, 3.75]),
+        ("per_tensor", "sum", [2.0, 4.5, 3.0]),
+        ("per_tensor", "mean", [2.0, 3.25, 3.0]),
+    ],
+)
 def test_ties_three_element_example_by_hand(scope, disjoint, expected):
-    # θ₀ = [1, 2, 3], λ = 0.5, density 0.5: P = 3, ⌊1.5⌋ = 1, κ_t = 2nd smallest |τ_t| (2 of 3 kept)
-    #   τ_1 = [ 2.0, -1.0,  1.5]  |τ| sorted 1, 1.5, 2   → κ = 1.5 → τ̂_1 = [ 2,   0,  1.5]
-    #   τ_2 = [-1.0,  3.0, -1.5]  |τ| sorted 1, 1.5, 3   → κ = 1.5 → τ̂_2 = [ 0,   3, -1.5]
-    #   τ_3 = [-0.5,  2.0, 0.25]  |τ| sorted .25, .5, 2  → κ = 0.5 → τ̂_3 = [-0.5, 2,  0  ]
-    # Σ τ̂ = [1.5, 5, 0] → γ = [+, +, 0]; majority sign(1 + 1 + 0) = + → γ = [+, +, +]
-    # agreeing: col0 {2} col1 {3, 2} col2 {1.5} → sum [2, 5, 1.5], mean [2, 2.5, 1.5]
-    # θ = θ₀ + 0.5·τ_m → sum [2, 4.5, 3.75], mean [2, 3.25, 3.75]   (one tensor: both scopes agree)
+    # θ₀ = [1, 2, 3], λ = 0.5, density 0.5, one tensor of P = 3 entries.
+    #   τ_1 = [ 2.0, -1.0,  1.5]   τ_2 = [-1.0,  3.0, -1.5]   τ_3 = [-0.5,  2.0, 0.25]
+    # global (FusionBench): ⌊1.5⌋ = 1, κ_t = 2nd smallest |τ_t|, keep |τ| ≥ κ (2 of 3 kept)
+    #   κ = 1.5, 1.5, 0.5 → τ̂_1 = [2, 0, 1.5], τ̂_2 = [0, 3, -1.5], τ̂_3 = [-0.5, 2, 0]
+    #   Σ τ̂ = [1.5, 5, 0] → γ = [+, +, 0]; majority sign(1 + 1 + 0) = + → γ = [+, +, +]
+    #   agreeing: col0 {2} col1 {3, 2} col2 {1.5} → sum [2, 5, 1.5], mean [2, 2.5, 1.5]
+    #   θ = θ₀ + 0.5·τ_m → sum [2, 4.5, 3.75], mean [2, 3.25, 3.75]
+    # per_tensor (mergekit): max(1, int(1.5)) = 1 entry kept per model: τ̂_1 = [2, 0, 0], τ̂_2 = [0, 3, 0],
+    #   τ̂_3 = [0, 2, 0]; λ first: [1, 0, 0], [0, 1.5, 0], [0, 1, 0]; Σ = [1, 2.5, 0] → γ = [+, +, +]
+    #   sum [1, 2.5, 0] → θ = [2, 4.5, 3]; mean [1, 1.25, 0] → θ = [2, 3.25, 3]
     base = {"w": torch.tensor([1.0, 2.0, 3.0])}
     taus = [[2.0, -1.0, 1.5], [-1.0, 3.0, -1.5], [-0.5, 2.0, 0.25]]
     models = [{"w": base["w"] + torch.tensor(t)} for t in taus]
@@ -396,8 +429,8 @@ def test_ties_three_element_example_by_hand(scope, disjoint, expected):
     [
         ("global", "sum", [1.0, 1.5, 1.375], [3.0]),
         ("global", "mean", [1.0, 1.25, 1.375], [3.0]),
-        ("per_tensor", "sum", [1.0, 1.5, 1.375], [1.0]),
-        ("per_tensor", "mean", [1.0, 1.25, 1.375], [1.0]),
+        ("per_tensor", "sum", [1.0, 1.0, 1.375], [3.0]),
+        ("per_tensor", "mean", [1.0, 1.0, 1.375], [3.0]),
     ],
 )
 def test_ties_two_tensor_example_where_the_scopes_differ(scope, disjoint, expected_a, expected_b):
@@ -408,9 +441,9 @@ def test_ties_two_tensor_example_where_the_scopes_differ(scope, disjoint, expect
     #   Σ: A = [0, 1, 0], B = [0] → γ = A [0, +, 0], B [0]; global majority sign(1) = + → all +
     #   agreeing: A {}, {.5, .5}, {.75}; B {4} → sum A [0, 1, .75] B [4]; mean A [0, .5, .75] B [4]
     #   θ = 1 + 0.5·τ_m → sum A [1, 1.5, 1.375] B [3]; mean A [1, 1.25, 1.375] B [3]
-    # per_tensor: A: P = 3, ⌊1.5⌋ = 1, κ = 2nd smallest = 0.5 → same as global for A (its majority is +)
-    #   B: P = 1, ⌊0.5⌋ = 0, κ = |τ| = 4 → kept; Σ = 0 → γ = 0, B's own majority sign(0) = 0 → nothing
-    #   agrees → τ_m = 0 → B = [1]
+    # per_tensor (mergekit): A: max(1, int(1.5)) = 1 kept per model: τ̂_1 A = [0, 0, -.75], τ̂_2 A = [0, 0, .75]
+    #   → Σ = [0, 0, 0] → γ = + everywhere (zero sums go to +) → agreeing A {}, {}, {.75} → A [1, 1, 1.375]
+    #   B: max(1, int(0.5)) = 1 → both kept; Σ = 0 → γ = + → {4}: λ·4 = 2 → B = [3]
     base = {"a": torch.ones(3), "b": torch.ones(1)}
     models = [
         {"a": 1 + torch.tensor([0.25, 0.5, -0.75]), "b": 1 + torch.tensor([4.0])},

@@ -34,13 +34,13 @@ def test_trim_rank_follows_the_reference_rule():
     assert ops.trim_rank(0, 0.2) == 0
 
 
-def test_per_tensor_thresholds_and_trim_keep_floor_dp_plus_one():
+def test_global_threshold_and_trim_keep_floor_dp_plus_one_and_every_tie():
     tau = torch.tensor([[0.5, -3.0, 1.0, 2.0, -0.25], [1.0, 1.0, 1.0, -1.0, 0.0]])
-    thresholds = ops.per_tensor_thresholds(tau, 0.4)  # P=5, ⌊2⌋=2, k=3: 3rd smallest |τ|
+    k = ops.trim_rank(5, 0.4)  # P=5, ⌊2⌋=2, k=3: 3rd smallest |τ|
+    thresholds = tau.abs().kthvalue(k, dim=1).values
     assert thresholds.tolist() == [1.0, 1.0]
     trimmed = ops.trim(tau, thresholds)
     assert trimmed.tolist() == [[0.0, -3.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, -1.0, 0.0]]  # ties at κ all kept
-    assert ops.per_tensor_thresholds(tau, 1.0).tolist() == [0.0, 0.0]
 
 
 def test_sign_election_zero_resolution_and_disjoint_merge_by_hand():

@@ -1,6 +1,7 @@
 """Small pure tensor functions shared by the merging methods.
 
-* TIES: trim rank and thresholds, trimming, sign election, zero-sign resolution, disjoint merge.
+* TIES: the two trim rules (global: FusionBench's k-th value threshold; per tensor: mergekit's exact top-count),
+  trimming, sign election, zero-sign resolution, disjoint merge.
 * An exact streaming k-th smallest value over float32 magnitudes (two radix passes over the bit patterns).
 * DARE: a drop mask that is a deterministic function of (seed, model index, tensor name).
 * CART: truncated SVD with a rank from a ratio of min(m, n) or from an energy (σ²) share.
@@ -38,13 +39,19 @@ def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[tor
 
 def kth_smallest_magnitude_flat(values: torch.Tensor, k: int, chunk: int = 1 << 22) -> torch.Tensor:
     """Exact k-th smallest |x| (1-indexed) of one tensor, by radix selection over chunks (small temporaries)."""
+    return kth_smallest_magnitude_count(values, k, chunk)[0]
+
+
+def kth_smallest_magnitude_count(values: torch.Tensor, k: int, chunk: int = 1 << 22) -> tuple[torch.Tensor, int]:
+    """(κ, m): the exact k-th smallest |x| (1-indexed) of one float32 tensor and the number m of entries whose
+    |x| is not below κ, both from the same two radix passes (m = n − k + the rank of κ among its equals)."""
     flat = values.reshape(-1)
     pieces = [flat[i : i + chunk] for i in range(0, flat.numel(), chunk)]
     high = sum(radix_histogram([p]) for p in pieces)
     high_bins, within = locate_rank(high, torch.tensor([k]))
     low = sum(radix_histogram([p], high_bins) for p in pieces)
-    low_bins, _ = locate_rank(low, within)
-    return bits_to_float(high_bins, low_bins)[0]
+    low_bins, rank_among_equals = locate_rank(low, within)
+    return bits_to_float(high_bins, low_bins)[0], flat.numel() - k + int(rank_among_equals[0])
 
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -56,20 +63,81 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def trim_rank(num_entries: int, density: float) -> int:
-    """1-indexed rank k of the TIES threshold: κ is the (P − ⌊density·P⌋)-th smallest |τ|.
+    """Global rule (FusionBench ``topk_values_mask``): the 1-indexed rank k of the threshold, κ = the
+    (P − ⌊density·P⌋)-th smallest |τ|.
 
-    Keeping |τ| ≥ κ keeps ⌊density·P⌋ + 1 entries barring ties; k < 1 means keep everything.
+    Keeping |τ| ≥ κ keeps ⌊density·P⌋ + 1 entries barring ties, and every entry tied with κ; k < 1 means keep
+    everything.
     """
     return num_entries - math.floor(density * num_entries)
 
 
-def per_tensor_thresholds(stacked: torch.Tensor, density: float) -> torch.Tensor:
-    """κ_t for each row of ``stacked`` ``[T, ...]`` with the TIES rule applied to that tensor alone."""
-    flat = stacked.reshape(stacked.shape[0], -1).abs()
-    k = trim_rank(flat.shape[1], density)
-    if k < 1:
-        return torch.zeros(flat.shape[0], dtype=flat.dtype)
-    return flat.kthvalue(k, dim=1).values
+def magnitude_keep_count(num_entries: int, density: float) -> int:
+    """Per-tensor rule (mergekit 0.1.5 ``sparsify.magnitude``): how many entries of a tensor are kept.
+
+    Everything for density ≥ 1, nothing for density ≤ 0 or an empty tensor, else exactly
+    max(1, int(density·n)) (Python float product, truncated). PEFT's ``magnitude_based_pruning`` keeps
+    int(density·n) without the floor of 1, so the two differ only where density·n < 1.
+    """
+    if num_entries <= 0 or density <= 0:
+        return 0
+    if density >= 1:
+        return num_entries
+    return max(1, int(density * num_entries))
+
+
+def top_magnitude_threshold(values: torch.Tensor, count: int) -> torch.Tensor | None:
+    """κ such that exactly ``count`` entries of the float32 tensor ``values`` have |x| not below κ, found in O(n)
+    by radix selection; None when entries tied with the ``count``-th largest |x| straddle the cut, so that no
+    threshold keeps exactly ``count``. Needs 0 < count < n."""
+    kappa, at_least = kth_smallest_magnitude_count(values, values.numel() - count + 1)
+    return kappa if at_least == count else None
+
+
+def top_magnitude_order_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask (shape of ``values``) of the first ``count`` entries of ``torch.argsort(|x|, descending=True)``.
+
+    This is mergekit's own selection and its tie-break: CPU argsort is unstable (introsort), so among equal |x|
+    the kept ones are neither the lowest nor the highest indices and only this call reproduces them. O(n log n):
+    used only when ties straddle the cut.
+    """
+    flat = values.reshape(-1)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(flat.abs().float(), descending=True)[:count]] = True
+    return keep.reshape(values.shape)
+
+
+def top_magnitude_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of exactly ``count`` entries of largest |x| (mergekit's per-tensor selection, ties included)."""
+    n = values.numel()
+    if count <= 0 or count >= n:
+        return torch.full(values.shape, count >= n, dtype=torch.bool)
+    kappa = top_magnitude_threshold(values, count)
+    if kappa is None:
+        return top_magnitude_order_mask(values, count)
+    return ~(values.abs() < kappa)
+
+
+def keep_top_magnitudes_(values: torch.Tensor, count: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """In place: zero every entry of ``values`` outside :func:`top_magnitude_mask` (``count`` entries stay).
+
+    Without straddling ties this is one O(n) selection plus a chunked pass, with temporaries of one chunk.
+    """
+    n = values.numel()
+    if count >= n:
+        return values
+    if count <= 0:
+        return values.zero_()
+    if not values.is_contiguous():
+        return values.masked_fill_(~top_magnitude_mask(values, count), 0.0)
+    kappa = top_magnitude_threshold(values, count)
+    flat = values.view(-1)
+    if kappa is None:
+        return flat.masked_fill_(~top_magnitude_order_mask(flat, count), 0.0).view_as(values)
+    for start in range(0, n, chunk):
+        piece = flat[start : start + chunk]
+        piece.masked_fill_(piece.abs() < kappa, 0.0)
+    return values
 
 
 def trim(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -99,7 +167,8 @@ def majority_sign(total: int) -> float:
 
 
 def resolve_zero_signs(signs: torch.Tensor, majority: float) -> torch.Tensor:
-    """Give entries with γ = 0 the majority sign (TIES ``resolve_zero_signs(..., "majority")``)."""
+    """Give entries with γ = 0 the sign ``majority``: the majority sign over the scope (TIES and FusionBench
+    ``resolve_zero_signs(..., "majority")``), or +1 (mergekit ``get_mask``: γ = +1 where Σ_t τ̂_t ≥ 0)."""
     return torch.where(signs == 0, torch.tensor(majority, dtype=signs.dtype), signs)
 
 

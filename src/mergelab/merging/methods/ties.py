@@ -14,8 +14,9 @@ from mergelab.merging.ops import (
     bits_to_float,
     disjoint_merge,
     elect_signs,
-    kth_smallest_magnitude_flat,
+    keep_top_magnitudes_,
     locate_rank,
+    magnitude_keep_count,
     majority_sign,
     radix_histogram,
     require_base,
@@ -36,7 +37,9 @@ _HIGH_PASS, _LOW_PASS, _SIGN_PASS = 0, 1, 2
 class TiesParams(MethodParams):
     density: float = Field(0.2, ge=0.0, le=1.0, description="fraction of each task vector's largest |τ| kept")
     scope: Scope = Field(
-        "global", description="top-k over all merged parameters (paper, FusionBench) or per tensor (mergekit)"
+        "global",
+        description="global: |τ| ≥ κ over all merged parameters (paper, FusionBench); per_tensor: exactly "
+        "max(1, int(density·n)) per tensor, ties to +, λ before the election (mergekit 0.1.5 ties)",
     )
     disjoint: Disjoint = Field(
         "sum", description="sum or mean of the sign-agreeing entries ('mean' needs λ≈1, 'sum' λ≈0.3)"
@@ -51,14 +54,31 @@ class Ties(MergeMethod):
     FusionBench ``config/method/ties_merging.yaml`` and AdaMerging ``src/main_ties_merging.py``. The official
     README setting is dis-mean with λ ≈ 1 (swept 0.8-2.5): "mean" needs a λ about |A_p| times larger than "sum".
 
-    * Trim: κ_t = the (P − ⌊density·P⌋)-th smallest |τ_t| (1-indexed), keep |τ_t| ≥ κ_t (⌊dP⌋ + 1 entries
-      barring ties); keep all when that rank is below 1. ``scope="global"`` takes P over every merged tensor
-      (exact, streamed: statistics pass 0 histograms the high 16 bits of the float32 patterns of |τ_t|, pass 1
-      the low 16 bits inside the selected bin, pass 2 sums the elected signs); ``"per_tensor"`` per tensor.
-    * Elect: γ = sign(Σ_t λ_t τ̂_t). Deliberate generalisation: distinct per-model scales λ_t are applied to τ̂_t
-      *before* the election and the disjoint merge; a single λ is factored out (θ₀ + λ τ_m, as the reference).
-      γ = 0 entries get the majority sign sign(Σ_p γ_p) over the scope.
-    * Disjoint merge over the non-zero entries agreeing with γ: sum, or mean over max(count, 1).
+    ``scope="global"`` is FusionBench's ``ties_merging`` (``ties_merging_utils.py``), to float rounding:
+
+    * Trim: κ_t = the (P − ⌊density·P⌋)-th smallest |τ_t| (1-indexed) over every merged tensor, keep
+      |τ_t| ≥ κ_t: ⌊dP⌋ + 1 entries barring ties, and every entry tied with κ_t; keep all when that rank is
+      below 1 (density 1). Exact and streamed: statistics pass 0 histograms the high 16 bits of the float32
+      patterns of |τ_t|, pass 1 the low 16 bits inside the selected bin, pass 2 sums the elected signs.
+    * Elect: γ = sign(Σ_t τ̂_t); γ = 0 entries get the majority sign sign(Σ_p γ_p) over all merged tensors.
+      One λ for all models is factored out (θ₀ + λ τ_m, as the reference); distinct per-model λ_t (an
+      extension) scale τ̂_t before the election.
+
+    ``scope="per_tensor"`` is mergekit 0.1.5's ``ties`` (``merge_methods/generalized_task_arithmetic.py``
+    ``merge_group`` with ``sparsify.magnitude`` and ``get_mask(method="sum")``), bit for bit with
+    ``normalize: false`` / ``disjoint="sum"`` and ``weight`` λ_t:
+
+    * Trim: each tensor of each τ_t keeps exactly max(1, int(density·n)) entries of largest |τ| (all for
+      density 1, none for density 0). The selection is an O(n) radix select. Where entries tied with the
+      smallest kept |τ| straddle the cut, the kept ones are those ``torch.argsort(|τ|, descending=True)``
+      puts first, as mergekit: CPU argsort is unstable and no index rule reproduces it, so that tensor is sorted
+      (mergekit's own cost). Such ties are rare in small float32 tensors but common in large ones (τ is a
+      difference of floats, a multiple of ulp(θ₀)) and in bf16 checkpoints.
+    * Elect: τ̂_t is multiplied by λ_t first (mergekit's per-model ``weight``), then γ = +1 where
+      Σ_t λ_t τ̂_t ≥ 0 and −1 elsewhere (zero sums go to +, not to a majority).
+
+    Disjoint merge, both scopes: over the non-zero entries agreeing with γ, the sum, or the mean over
+    max(count, 1). Per tensor, "mean" equals mergekit's ``normalize: true`` with equal weights.
     """
 
     name = "ties"
@@ -69,9 +89,10 @@ class Ties(MergeMethod):
     def __init__(self, params: TiesParams, num_models: int) -> None:
         super().__init__(params, num_models)
         self.scales = per_model_values(params.scale, num_models, "scale")
-        # One λ for all models is factored out (θ₀ + λ τ_m exactly as the reference, no rounding in the
-        # election); distinct per-model λ_t scale the trimmed rows before the election.
-        uniform = len(set(self.scales)) == 1
+        # Global: one λ for all models is factored out (θ₀ + λ τ_m exactly as FusionBench, no rounding in the
+        # election); distinct per-model λ_t scale the trimmed rows before the election. Per tensor: always
+        # before the election, as mergekit's per-model weights.
+        uniform = len(set(self.scales)) == 1 and params.scope == "global"
         self._row_scales = None if uniform else self.scales
         self._outer_scale = self.scales[0] if uniform else 1.0
         self._num_entries = 0
@@ -151,15 +172,10 @@ class Ties(MergeMethod):
             thresholds = self._global_thresholds()
             majority = self._majority
         else:
-            k = trim_rank(numel, self.params.density)
-            if k < 1:
-                thresholds = torch.zeros(len(flats))
-            else:
-                thresholds = torch.stack([kth_smallest_magnitude_flat(f, k) for f in flats])
-            total = 0
-            for s in slices:
-                total += sign_total(elect_signs(self._trimmed(torch.stack([f[s] for f in flats]), thresholds)))
-            majority = majority_sign(total)
+            count = magnitude_keep_count(numel, self.params.density)
+            flats = [keep_top_magnitudes_(f, count) for f in flats]  # in place: the method owns its τ_t
+            thresholds = None  # already trimmed
+            majority = 1.0  # mergekit: γ = +1 where Σ_t λ_t τ̂_t ≥ 0
         merged = torch.empty(numel, dtype=flats[0].dtype)
         for s in slices:
             trimmed = self._trimmed(torch.stack([f[s] for f in flats]), thresholds)
@@ -177,6 +193,6 @@ class Ties(MergeMethod):
             raise MergelabError("TIES global thresholds are unknown: run statistics passes 0 and 1 first")
         return self._thresholds
 
-    def _trimmed(self, stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        trimmed = trim(stacked, thresholds)
+    def _trimmed(self, stacked: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
+        trimmed = stacked if thresholds is None else trim(stacked, thresholds)
         return trimmed if self._row_scales is None else scale_rows(trimmed, self._row_scales)
