@@ -154,7 +154,7 @@ def test_second_get_or_train_expert_trains_nothing(tmp_path, base, count_calls):
     assert again == path and len(calls) == 1
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     # spelling out a default is the same expert; a different hyper-parameter is another one
-    same = get_or_train_expert(tmp_path / "experts", base, task, progress=False, head_lr=None, **settings)
+    same = get_or_train_expert(tmp_path / "experts", base, task, progress=False, head_lr=2e-3, **settings)
     assert same == path and len(calls) == 1
     assert not [p for p in (tmp_path / "experts").iterdir() if p.name.startswith(".")]
 

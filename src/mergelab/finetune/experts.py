@@ -51,18 +51,20 @@ HEAD_INITS = ("probe", "random")
 class FinetuneConfig:
     """Every hyper-parameter that determines an expert (with the base and the training data).
 
-    The defaults are a recipe that converges within the demo's budget (LP-FT, Kumar et al. 2022): the head starts
-    from the frozen-encoder linear probe (``head_init: probe``), then encoder and head are fine-tuned together for
-    2 epochs with AdamW (lr 5e-5, 10 % linear warm-up, linear decay). ``pooling: mean`` gives a pooled classifier
-    (mean of the last hidden states over non-padding tokens, one Linear head: the FT-Classifier paper's
-    architecture and all-MiniLM-L6-v2's own embedding); ``native`` gives the family's
-    ``AutoModelForSequenceClassification`` (e.g. BERT's pooler + classifier). ``head_lr`` defaults to ``lr``.
-    The head's random initialisation and the batch order use a seed derived from ``seed`` and the task name, so two
-    tasks never start from the same head rows.
+    The defaults are a recipe that converges within the demo's budget: a fresh head with its own, larger learning
+    rate (``head_lr`` 2e-3; a head drawn from N(0, 0.02) at the encoder's 1e-4 moves too little in a few dozen
+    steps), encoder lr 1e-4, 2 epochs, 10 % linear warm-up then linear decay, AdamW. On the demo's tasks this beat
+    the frozen-encoder probe where LP-FT (``head_init: probe``: the head starts from the probe, which already fits
+    the train split, so little gradient is left) barely matched it (newsgroups 75.7 vs probe 75.3).
+    ``pooling: mean`` gives a pooled classifier (mean of the last hidden states over non-padding tokens, one Linear
+    head: the FT-Classifier paper's architecture and all-MiniLM-L6-v2's own embedding); ``native`` gives the
+    family's ``AutoModelForSequenceClassification`` (e.g. BERT's pooler + classifier). ``head_lr=None`` uses
+    ``lr``. The head's random initialisation and the batch order use a seed derived from ``seed`` and the task
+    name, so two tasks never start from the same head rows.
     """
 
     epochs: float = 2.0
-    lr: float = 5e-5
+    lr: float = 1e-4
     max_length: int = 64
     batch_size: int = 32
     seed: int = 0
@@ -70,8 +72,8 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     pooling: str = "mean"
-    head_init: str = "probe"
-    head_lr: float | None = None
+    head_init: str = "random"
+    head_lr: float | None = 2e-3
 
     def __post_init__(self) -> None:
         checks = [(self.epochs > 0, "epochs must be positive"), (self.lr > 0, "lr must be positive"),

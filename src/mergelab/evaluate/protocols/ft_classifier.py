@@ -22,9 +22,10 @@ dropout layers inside the head can be switched on.
 ``solver``: ``"reference"`` (default) is the schedule above, unchanged. ``"converged"`` solves the same problem
 instead of running a fixed number of steps: full-batch L-BFGS (``torch.optim.LBFGS``, strong-Wolfe line search,
 history 100, float64) on the same few-shot inputs from the same initialisation (the fine-tuned head), until the
-largest gradient entry is at most ``tolerance`` (default 1e-6), the KL stops changing (|ΔKL| or the step below
-1e-15, a few float64 ulps), or after ``max_iter`` iterations (default 1000). The schedule options (``lr``, ``epochs``, ``batch_size``, ``full_batch``, ``steps``)
-do not apply to it and are ignored; ``head_dropout`` must stay off (L-BFGS needs a deterministic objective).
+largest gradient entry is at most ``tolerance`` (default 1e-4: about 0.1 s for a 20-class 10-shot refit on
+384-d features; 1e-6 takes about 1.3 s and changes the KL by < 3e-4), the KL stops changing (|ΔKL| or the step
+below 1e-15, a few float64 ulps), or after ``max_iter`` iterations (default 1000). The schedule options (``lr``,
+``epochs``, ``batch_size``, ``full_batch``, ``steps``) do not apply to it and are ignored; ``head_dropout`` must stay off (L-BFGS needs a deterministic objective).
 For a linear head on fixed features the objective is convex in (W, b) (soft-target cross-entropy of an affine
 map), so a point where the gradient vanishes is a global minimum; with at least as many feature dimensions as
 samples any teacher logits are reachable and the minimum is KL = 0. A head that is more than a Linear (RoBERTa's
@@ -67,7 +68,7 @@ REFERENCE_LR = 5e-4
 REFERENCE_EPOCHS = 5
 PAIR = "merged and fine-tuned"
 SOLVERS = ("reference", "converged")
-CONVERGED_TOLERANCE = 1e-6  # max |gradient| at which the converged solver stops
+CONVERGED_TOLERANCE = 1e-4  # max |gradient| at which the converged solver stops; pass tolerance= for tighter
 CONVERGED_MAX_ITER = 1000
 CONVERGED_CHANGE = 1e-15  # |ΔKL| (and step size) below which L-BFGS has stalled (a few float64 ulps)
 
