@@ -109,7 +109,7 @@ class ExperimentConfig(StrictModel):
     max_length: int | None = Field(default=None, description="evaluation max length (default: finetune.max_length)")
     batch_size: int = 64
     threads: int = Field(default=2, ge=1, description="torch threads for fine-tuning and feature extraction")
-    protocol_threads: int = Field(default=1, ge=1, description="torch threads for the protocols' small tensors")
+    protocol_threads: int = Field(default=1, ge=1, description="torch threads for the few-shot protocols (dense ones, aligned and surgery, use threads)")
 
     @field_validator("shots")
     @classmethod

@@ -307,7 +307,8 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
         )  # fmt: skip
         rows = []
         for key, stored, protocol, options, seed, shots in pending:
-            with _timed(ctx, f"protocol:{protocol}"), torch_threads(ctx.cfg.protocol_threads):
+            threads = ctx.cfg.threads if get_protocol(protocol).dense else ctx.cfg.protocol_threads
+            with _timed(ctx, f"protocol:{protocol}"), torch_threads(threads):
                 result = run_protocol(protocol, context, seed=seed, shots=shots, **options)
             reference = (finetuned_accuracy or {}).get(task_name)
             rows.append({

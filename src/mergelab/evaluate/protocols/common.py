@@ -70,13 +70,16 @@ ProtocolFn = Callable[..., ProtocolOutcome]
 @dataclass(frozen=True)
 class ProtocolInfo:
     """A registry entry: ``transductive`` is the default mark (an option may change it, the outcome says so);
-    ``deterministic`` protocols ignore ``shots`` (and ``seed``, except for a seeded initialisation)."""
+    ``deterministic`` protocols ignore ``shots`` (and ``seed``, except for a seeded initialisation); ``dense``
+    protocols fit maps on [N, d] × [d, d] matrices, where more threads pay (the benchmark gives them its
+    ``threads``; the others, on few-shot sets, run faster on ``protocol_threads``)."""
 
     name: str
     fn: ProtocolFn
     transductive: bool
     deterministic: bool
     summary: str
+    dense: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -214,6 +217,7 @@ def protocol_infos() -> dict[str, ProtocolInfo]:
             True,
             "fit a transform G to fine-tuned features on unlabelled "
             "eval inputs (L1), score the fine-tuned head on G(features)",
+            dense=True,
         ),
         ProtocolInfo(
             "ft_classifier",
@@ -238,6 +242,7 @@ def protocol_infos() -> dict[str, ProtocolInfo]:
             True,
             True,
             "Representation Surgery adapter z - U relu(D z) fitted by L1 on unlabelled eval inputs",
+            dense=True,
         ),
     )
     return {info.name: info for info in infos}
