@@ -37,13 +37,16 @@ def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def task(n: int, d: int, classes: int, seed: int, merged: str) -> ProtocolContext:
-    """A task of n balanced test items; ``merged`` is "noise" (independent of everything) or "rotated" (R·f_t)."""
+    """A task of n balanced test items; ``merged`` is "noise" (independent of everything), "rotated" (R·f_t) or
+    "same" (f_t itself)."""
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(d, classes, generator=g))
     labels = torch.arange(n) % classes
     finetuned = 10.0 * basis.T[labels] + torch.randn(n, d, generator=g)
     if merged == "noise":
         features = 10.0 * torch.randn(n, d, generator=g)
+    elif merged == "same":
+        features = finetuned.clone()
     else:
         features = finetuned @ random_orthogonal(d, g).T
     head = nn.Linear(d, classes)
@@ -113,12 +116,24 @@ def test_every_familys_noise_control_is_within_5_points_of_chance(rotated: Proto
     upper = finetuned_accuracy(rotated)
     for family in FAMILIES:
         out = run_protocol("aligned", rotated, transform=family, control="shuffled")
-        chance = out.extras["chance_majority"]
+        chance = out.extras["chance_independent"]
         assert out.extras["control"] == "shuffled" and out.extras["fit"] == "cross"
         assert abs(out.accuracy - chance) <= 0.05, (family, out.accuracy, chance)
+        assert chance <= out.extras["chance_majority"] + 1e-12
         assert out.extras["control_gap"] == pytest.approx(out.accuracy - chance)
         assert out.accuracy < upper - 0.5  # far below what the real pairing gives
         assert out.extras["chance_uniform"] == pytest.approx(0.05)
+
+
+def test_the_control_is_chance_even_when_the_merged_features_alone_classify():
+    # merged = fine-tuned: a near-identity map (scaling) applied to an item's own merged features would classify it;
+    # the control pairs every item with another item's merged features, for fitting and scoring alike
+    same = task(n=600, d=32, classes=4, seed=3, merged="same")
+    for family in ("scaling", "affine", "procrustes"):
+        real = run_protocol("aligned", same, transform=family)
+        control = run_protocol("aligned", same, transform=family, control="shuffled")
+        assert real.accuracy > 0.95, family
+        assert abs(control.accuracy - control.extras["chance_independent"]) <= 0.05, (family, control.accuracy)
 
 
 # --- (c) every item scored exactly once, by the map that did not see it ---------------------------------------
@@ -141,15 +156,17 @@ def test_each_half_is_scored_by_the_map_fitted_on_the_other(noise: ProtocolConte
     x, y = noise.merged.split("test").features, noise.finetuned.split("test").features
     labels = noise.merged.split("test").labels
     assert len(out.predictions) == len(labels) == out.extras["n_scored"]
-    assert out.accuracy == pytest.approx(float((out.predictions == labels).float().mean()))  # correct / N
+    assert out.accuracy == int((out.predictions == labels).sum()) / len(labels)  # correct / N, exactly
+    if control == "shuffled":  # item i gets another item's merged row, for fitting and scoring alike
+        x = x[aligned_mod.shuffled_rows(len(labels), 3, "aligned-control")]
     parts = aligned_mod.halves(len(labels), seed=3)
-    for h, (fit_on, score_on) in enumerate(((parts[0], parts[1]), (parts[1], parts[0]))):
-        rows = fit_on
-        if control == "shuffled":  # merged rows permuted against the fine-tuned rows before fitting
-            rows = fit_on[aligned_mod.shuffled_rows(len(fit_on), 3, f"aligned-control-{h}")]
-        fitted, _ = aligned_mod.fit_transform(x[rows], y[fit_on], "procrustes")
-        expected = noise.head(fitted(x[score_on])).argmax(dim=1)  # scored on the unshuffled merged rows
+    for fit_on, score_on in ((parts[0], parts[1]), (parts[1], parts[0])):
+        fitted, _ = aligned_mod.fit_transform(x[fit_on], y[fit_on], "procrustes")
+        expected = noise.head(fitted(x[score_on])).argmax(dim=1)
         assert torch.equal(out.predictions[score_on], expected)
+    predicted = torch.bincount(out.predictions, minlength=4).double()
+    expected_chance = float((torch.bincount(labels, minlength=4).double() * predicted).sum()) / len(labels) ** 2
+    assert out.extras["chance_independent"] == pytest.approx(expected_chance)
     halves_acc = out.extras["half_accuracy"]
     sizes = out.extras["halves"]
     assert sizes == [len(parts[0]), len(parts[1])]

@@ -15,14 +15,15 @@ chance held-out; it is kept as an option and labelled in-sample everywhere (extr
 
 Noise control (option ``control``)
 ----------------------------------
-``control="shuffled"`` runs the same fit with the merged rows permuted against the fine-tuned rows (a seeded
-permutation of the fitting set's merged rows, ``derive_seed(seed, "aligned-control-<h>")``), so the pairing
-carries no information, and scores it the same way: cross-fitted, the map fitted on the shuffled pairs of one
-half is applied to the *unshuffled* merged features of the other half and scored against the true labels (it
-should score chance); in-sample, the map is scored on the pairs it was fitted on (shuffled merged row → label
-of the fine-tuned row it was paired with), which shows how much of an in-sample score is the family's capacity
-to memorise. Extras carry both chance rates: ``chance_majority`` (the majority-class rate of the eval labels,
-the report's "chance") and ``chance_uniform`` (1/C).
+``control="shuffled"`` runs the same procedure with the merged rows permuted against the fine-tuned rows and the
+labels (one seeded permutation of the eval split, ``derive_seed(seed, "aligned-control")``): item i's fine-tuned
+features and label are paired with the merged features of another item, so the merged side carries no
+information about item i, and the map is fitted and scored exactly as for the real pairs. Cross-fitted, it must
+score chance; in-sample, what it scores above chance is the family's capacity to memorise the fitted pairs.
+Extras carry three chance rates: ``chance_independent`` = Σ_c p_c q_c, the accuracy expected of predictions
+independent of the labels with this outcome's own predicted-class frequencies q (the mean of a permutation test,
+the report's "chance" for controls), ``chance_majority`` (the majority-class rate, the largest that can be) and
+``chance_uniform`` (1/C).
 
 Families (option ``transform``), from weakest to strongest constraint:
 
@@ -606,16 +607,15 @@ def aligned(
     source, target = merged_split.features.float(), finetuned_split.features.float()
     labels = merged_split.labels
     n = len(labels)
+    if control == "shuffled":  # item i keeps its fine-tuned features and label, and gets another item's merged row
+        source = source[shuffled_rows(n, seed, "aligned-control")]
     settings = dict(solver=solver, steps=steps, lr=lr, alpha=alpha, alpha_warmup=alpha_warmup, init=init,
                     center=center)  # fmt: skip
 
-    def one_fit(index: torch.Tensor, purpose: str) -> tuple[FittedTransform, dict[str, Any], torch.Tensor]:
-        """Fit on the items ``index`` (merged rows permuted for the control); returns the rows used as input."""
-        rows = index
-        if control == "shuffled":
-            rows = index[shuffled_rows(len(index), seed, f"aligned-control-{purpose}")]
-        fitted, info = fit_transform(source[rows], target[index], transform, seed=seed, **settings)
-        return fitted, _fit_facts(fitted, info), rows
+    def one_fit(index: torch.Tensor) -> tuple[FittedTransform, dict[str, Any]]:
+        """Fit on the items ``index``."""
+        fitted, info = fit_transform(source[index], target[index], transform, seed=seed, **settings)
+        return fitted, _fit_facts(fitted, info)
 
     mapped = torch.empty_like(target)
     fits: list[dict[str, Any]] = []
@@ -623,15 +623,14 @@ def aligned(
     if fit == "cross":
         parts = halves(n, seed)
         for h, (fit_on, score_on) in enumerate(((parts[0], parts[1]), (parts[1], parts[0]))):
-            fitted, facts, _ = one_fit(fit_on, f"{h}")
+            fitted, facts = one_fit(fit_on)
             with torch.no_grad():
                 mapped[score_on] = fitted(source[score_on])
             fits.append({"fit_on": f"half {h}", "n_fit": len(fit_on), **facts})
     else:
-        # in-sample: score the fitted pairs (for the control, shuffled merged row -> its fine-tuned row's label)
-        fitted, facts, rows = one_fit(torch.arange(n), "all")
+        fitted, facts = one_fit(torch.arange(n))  # in-sample: score the very pairs it was fitted on
         with torch.no_grad():
-            mapped = fitted(source[rows])
+            mapped = fitted(source)
         fits.append({"fit_on": "all", "n_fit": n, **facts})
     logits = head_logits(ctx.head, mapped)
     classes = logits.shape[1]
@@ -642,6 +641,7 @@ def aligned(
         # half h's items are scored by the map fitted on the other half
         half_accuracy = [float(correct[p].float().mean()) for p in parts]
     counts = torch.bincount(labels.cpu().long(), minlength=classes)
+    predicted = torch.bincount(predictions.long(), minlength=classes)
     with torch.no_grad():
         extras: dict[str, Any] = {
             "transform": transform,
@@ -651,6 +651,7 @@ def aligned(
             "n_scored": n,
             "halves": [len(p) for p in parts] if fit == "cross" else None,
             "half_accuracy": half_accuracy or None,
+            "chance_independent": float((counts.double() * predicted.double()).sum()) / (n * n),
             "chance_majority": float(counts.max()) / n,
             "chance_uniform": 1.0 / classes,
             "l1_before": float((source - target).abs().mean()),
@@ -665,7 +666,7 @@ def aligned(
             "fits": fits,
         }
     if control == "shuffled":
-        extras["control_gap"] = float(correct.float().mean()) - extras["chance_majority"]
+        extras["control_gap"] = int(correct.sum()) / n - extras["chance_independent"]
     return outcome(logits, labels, transductive=True, **extras)
 
 
