@@ -478,3 +478,16 @@ def test_merged_equal_finetuned_is_a_fixed_point(toy: Toy, upper: float):
     assert proc.accuracy == upper and proc.extras["l1_after"] < 1e-4
     surgery = run_protocol("surgery", ctx, steps=20)
     assert surgery.extras["l1_before"] == 0.0 and surgery.accuracy == upper
+
+
+def test_accuracy_is_an_exact_fraction():
+    from mergelab.evaluate.protocols.common import accuracy
+
+    predictions = torch.tensor([1] * 27 + [0] * 53)
+    assert accuracy(predictions, torch.ones(80, dtype=torch.long)) == 0.3375  # 27/80, not float32's 0.33750000596
+    assert repr(accuracy(torch.tensor([0, 1, 1]), torch.tensor([1, 1, 1]))) == repr(2 / 3)
+
+
+def test_dense_protocols_are_marked_for_the_benchmarks_threads():
+    dense = {name for name, info in protocol_infos().items() if info.dense}
+    assert dense == {"aligned", "surgery"}
