@@ -156,3 +156,16 @@ def test_include_pattern_limits_merged_tensors(family):
     base = load_file(str(base_dir / "model.safetensors"))
     assert torch.equal(merged["encoder.layer.0.output.dense.weight"], base["encoder.layer.0.output.dense.weight"])
     assert not torch.equal(merged["encoder.layer.0.attention.self.query.weight"], base["encoder.layer.0.attention.self.query.weight"])
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_in_memory_inputs_are_never_modified(scope):
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 5, generator=gen), "b": torch.randn(5, generator=gen)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    saved = [{k: v.clone() for k, v in sd.items()} for sd in [base, *models]]
+    merged = mergelab.merge("ties", base, models, density=0.4, scope=scope, scale=1.0)
+    for original, copy in zip([base, *models], saved, strict=True):
+        assert all(torch.equal(original[k], copy[k]) for k in copy)
+    again = mergelab.merge("ties", saved[0], saved[1:], density=0.4, scope=scope, scale=1.0)
+    assert all(torch.equal(merged[k], again[k]) for k in merged)

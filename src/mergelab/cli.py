@@ -69,7 +69,7 @@ def _progress_bar(description: str):
 def merge_command(
     method: str = typer.Option(None, "--method", help="merging method (see `mergelab methods`)"),
     base: str = typer.Option(None, "--base", help="pretrained base checkpoint (HF folder or weights file)"),
-    model: list[str] = typer.Option(None, "--model", help="a fine-tuned checkpoint; repeat for each model"),
+    model: list[str] = typer.Option(None, "--model", help="a fine-tuned checkpoint or LoRA adapter folder; repeatable"),
     param: list[str] = typer.Option(None, "--param", help="method parameter key=value; repeatable"),
     out: str = typer.Option(None, "--out", help="output folder (written atomically)"),
     config: Path = typer.Option(None, "--config", help="YAML config with the same fields (see README)"),

@@ -174,7 +174,8 @@ class StateDictReader:
         return self._tensor(name).dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name)
+        """A copy of the tensor: the engine and the methods work in place, and the caller's tensors must not change."""
+        return self._tensor(name).clone()
 
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self._sd:
@@ -220,13 +221,23 @@ def _shard_files(folder: Path, index_name: str) -> list[Path]:
     return files
 
 
-def open_checkpoint(path: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> CheckpointReader:
-    """Open an HF model folder, a .safetensors file, a torch .pt/.bin file, or wrap an in-memory state dict."""
+def open_checkpoint(path: str | os.PathLike[str] | Mapping[str, torch.Tensor], base: object = None) -> CheckpointReader:
+    """Open an HF model folder, a .safetensors file, a torch .pt/.bin file, or wrap an in-memory state dict.
+
+    A PEFT LoRA adapter folder (with ``adapter_config.json``) opens as the adapted model in its base's layout; its
+    base is ``base`` (a path, state dict or reader) or else the adapter's local ``base_model_name_or_path``.
+    ``base`` is ignored for anything that is not an adapter.
+    """
     if isinstance(path, Mapping):
         return StateDictReader(path)
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist")
+    adapter_dir = p if p.is_dir() else p.parent if p.name.startswith("adapter_model.") else None
+    if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
+        from mergelab.io.adapter import open_adapter  # imports this module
+
+        return open_adapter(adapter_dir, base)
     if p.is_dir():
         if (p / SAFETENSORS_INDEX).exists():
             return SafetensorsReader(_shard_files(p, SAFETENSORS_INDEX), str(p), p)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mergelab.errors import ConfigError
+from mergelab.io.adapter import shared_base
 from mergelab.io.reader import CheckpointReader, open_checkpoint
 from mergelab.io.writer import ShardedWriter, atomic_folder, check_target, copy_side_files, parse_size
 from mergelab.merging.engine import ProgressCallback, plan_merge, stream_merge
@@ -22,10 +23,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
 
 
-def _open(source: Source) -> CheckpointReader:
+def _open(source: Source, base: CheckpointReader | None = None) -> CheckpointReader:
     if hasattr(source, "keys") and hasattr(source, "get") and hasattr(source, "shape"):
         return source  # already a reader
-    return open_checkpoint(source)  # type: ignore[arg-type]
+    return open_checkpoint(source, base=base)  # type: ignore[arg-type]  # base: for LoRA adapter folders
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -54,16 +55,20 @@ def merge(
 ) -> dict[str, torch.Tensor] | Path:
     """Merge ``models`` (fine-tunes of ``base``) with ``method`` and its ``params``.
 
-    ``base`` and ``models`` are HF folders, weight files, in-memory state dicts or readers. With ``out=None`` the
-    merged state dict (in the base's layout) is returned; otherwise it is written atomically to ``out`` as sharded
-    safetensors plus the base's config and tokenizer files, and the path is returned.
+    ``base`` and ``models`` are HF folders, weight files, in-memory state dicts or readers; a model may also be a
+    PEFT LoRA adapter folder, applied to ``base`` (or, with no ``base``, to its own local
+    ``base_model_name_or_path``, which then is the base). With ``out=None`` the merged state dict (in the base's
+    layout) is returned; otherwise it is written atomically to ``out`` as sharded safetensors plus the base's config
+    and tokenizer files, and the path is returned.
     """
     merge_method = build_method(method, params, len(models))
     out_dtype = parse_dtype(dtype)
     if out is not None:
         check_target(Path(out), force)
     base_reader = _open(base) if base is not None else None
-    readers = [_open(m) for m in models]
+    readers = [_open(m, base_reader) for m in models]
+    if base_reader is None:  # LoRA adapters name their base: merge onto it
+        base_reader = shared_base(readers)
     plan = plan_merge(base_reader, readers, TensorSelection(tuple(include), tuple(exclude)), out_dtype)
     stream = stream_merge(merge_method, plan, allow_nonfinite=allow_nonfinite, progress=progress)
     if out is None:
