@@ -6,6 +6,11 @@
 | roberta, xlm-roberta | ``last_hidden_state[:, 0]`` | ``classifier``: dense → tanh → out_proj |
 | distilbert | ``last_hidden_state[:, 0]`` | ``pre_classifier`` → ReLU → ``classifier`` |
 
+Any other text sequence classifier (ALBERT, ELECTRA, DeBERTa-v2, GPT-2, LLaMA, Qwen2, Mistral, T5, …) is split by
+the rules of :mod:`mergelab.models.split`: the head modules are found on the model itself, the feature is what those
+modules receive in the model's own forward (``pooler``, ``cls``, ``last``: the last non-padding token, ``eos``: T5's
+decoder state at the last EOS), and the split is accepted only if it reproduces the model's logits on a probe batch.
+
 A *pooled classifier* (what ``mergelab`` fine-tunes by default, the FT-Classifier paper's architecture) is a base
 encoder folder that ``transformers.AutoModel`` loads as it is, plus ``mergelab_head.json`` (format, pooling, label
 names) and ``mergelab_head.safetensors`` (one Linear: ``weight`` [C, d], ``bias`` [C]); its feature is the mean of
@@ -22,7 +27,6 @@ import copy
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import CheckpointError, ConfigError, DataError
+from mergelab.models.split import ROBERTA_LIKE, Architecture, refuse, structural_split, verified_split
 from mergelab.models.task_model import TaskModel, check_label_names
 
 PathLike = str | os.PathLike[str]
@@ -47,17 +52,6 @@ def _roberta_head(model: nn.Module) -> nn.Module:
 
 def _distilbert_head(model: nn.Module) -> nn.Module:
     return nn.Sequential(model.pre_classifier, nn.ReLU(), model.classifier)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where one model family splits: the feature (``pooler`` or ``cls``) and the head built from the classifier."""
-
-    pooling: str
-    head: Callable[[nn.Module], nn.Module]
-    head_modules: tuple[str, ...]  # the classifier's attributes holding the head weights
-    base_kwargs: Mapping[str, Any] = field(default_factory=dict)  # for the base model (AutoModel)
-    position_offset: bool = False  # position ids start after the padding index (RoBERTa)
 
 
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
@@ -78,15 +72,24 @@ def architecture(model_type: str) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-POOLINGS = ("pooler", "cls", "mean")
+POOLINGS = ("pooler", "cls", "mean", "last", "eos")
 POOLED_HEAD_CONFIG = "mergelab_head.json"
 POOLED_HEAD_WEIGHTS = "mergelab_head.safetensors"
 POOLED_FORMAT = "mergelab-pooled-classifier"
 
 
-def pool(output: Any, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
-    """The feature [B, d] of a base model's ``output``: ``pooler_output``, the first token, or the mean of the last
-    hidden states over non-padding tokens (all tokens when no mask is given)."""
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the rightmost position where ``mask`` is true (0 when none)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * mask.to(torch.long)).argmax(-1)
+
+
+def pool(output: Any, attention_mask: torch.Tensor | None, pooling: str, *, input_ids: torch.Tensor | None = None,
+         pad_token_id: int | None = None, eos_token_id: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The feature [B, d] of a base model's ``output``: ``pooler_output``, the first token, the mean of the last
+    hidden states over non-padding tokens (all tokens when no mask is given), the last non-padding token (``last``:
+    the rightmost token that is not ``pad_token_id`` as decoder LMs' classifiers pick it, else the rightmost
+    attended token, else the last) or the last EOS token (``eos``, T5's classifier; needs ``input_ids``)."""
     if pooling == "pooler":
         if getattr(output, "pooler_output", None) is None:
             raise CheckpointError("this encoder has no pooler but its head reads pooler_output")
@@ -94,6 +97,21 @@ def pool(output: Any, attention_mask: torch.Tensor | None, pooling: str) -> torc
     hidden = output.last_hidden_state
     if pooling == "cls":
         return hidden[:, 0]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if pooling == "last":
+        if input_ids is not None and pad_token_id is not None:
+            return hidden[rows, _last_index(input_ids != pad_token_id)]
+        if attention_mask is not None:
+            return hidden[rows, _last_index(attention_mask != 0)]
+        return hidden[:, -1]
+    if pooling == "eos":
+        if input_ids is None or eos_token_id is None:
+            raise ConfigError("the eos feature needs input_ids and the config's eos_token_id")
+        eos = input_ids == eos_token_id
+        if not bool(eos.any(dim=1).all()):
+            raise DataError(f"every text must end with the EOS token (id {eos_token_id}) for this classifier; "
+                            "tokenize with the model's own tokenizer")  # fmt: skip
+        return hidden[rows, _last_index(eos)]
     if pooling != "mean":
         raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
     if attention_mask is None:
@@ -104,10 +122,55 @@ def pool(output: Any, attention_mask: torch.Tensor | None, pooling: str) -> torc
 
 def max_positions(config: Any) -> int:
     """The longest token sequence the model's position embeddings accept."""
-    limit = int(getattr(config, "max_position_embeddings", 512))
-    if architecture(config.model_type).position_offset:
+    limit = int(getattr(config, "max_position_embeddings", None) or 512)
+    known = ARCHITECTURES.get(config.model_type)
+    if known.position_offset if known is not None else config.model_type in ROBERTA_LIKE:
         limit -= int(config.pad_token_id or 0) + 1
     return limit
+
+
+def split_features(base: nn.Module, pooling: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The feature [B, d] a classifier's head reads, from its base model on a tokenised ``batch``; for ``eos`` an
+    encoder-decoder base is fed the input shifted right as its decoder input (as T5ForSequenceClassification)."""
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    batch = dict(batch)
+    if pooling == "eos" and "decoder_input_ids" not in batch and hasattr(base, "_shift_right"):
+        batch["decoder_input_ids"] = base._shift_right(batch["input_ids"])
+    return pool(base(**batch), batch.get("attention_mask"), pooling, input_ids=batch.get("input_ids"),
+                pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)  # fmt: skip
+
+
+def _meta_classifier(config: Any) -> nn.Module:
+    """The family's sequence classifier for ``config`` on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
+    except (ValueError, KeyError) as exc:
+        raise refuse(config.model_type, "transformers has no sequence classifier for it") from exc
+
+
+def split_of_config(config: Any) -> Architecture:
+    """The split of ``config``'s family: the Architecture table, else the rule its head modules fit (no weights)."""
+    if config.model_type in ARCHITECTURES:
+        return ARCHITECTURES[config.model_type]
+    return structural_split(_meta_classifier(config))
+
+
+def split_of_model(model: nn.Module, tokenizer: Any) -> Architecture:
+    """The split of a loaded classifier: the table, else the rule that reproduces its logits on a probe batch."""
+    if model.config.model_type in ARCHITECTURES:
+        return ARCHITECTURES[model.config.model_type]
+    return verified_split(model, tokenizer, split_features)
+
+
+def _pad_like_model(tokenizer: Any, config: Any) -> Any:
+    """A tokenizer without a pad token (GPT-2, LLaMA) pads with the config's ``pad_token_id``."""
+    pad = getattr(config, "pad_token_id", None)
+    if getattr(tokenizer, "pad_token", "") is None and pad is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad))
+    return tokenizer
 
 
 class TextEncoder(nn.Module):
@@ -122,7 +185,9 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return pool(self.model(**batch), batch.get("attention_mask"), self.pooling)
+        if self.pooling in ("pooler", "cls", "mean"):
+            return pool(self.model(**batch), batch.get("attention_mask"), self.pooling)
+        return split_features(self.model, self.pooling, batch)
 
     def max_length(self, requested: int) -> int:
         """``requested`` capped by what the position embeddings accept."""
@@ -274,13 +339,16 @@ def load_task_model(path: PathLike, label_names: list[str] | None = None) -> Tas
     if is_pooled_classifier(folder):
         return load_pooled_classifier(folder, label_names)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    arch = architecture(config.model_type)
+    split_of_config(config)  # refuse a family that cannot be split before loading its weights
     head_names = head_label_names(config)
     if label_names is not None:
         check_label_names(head_names, list(label_names), f"fine-tuned model {folder}")
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(folder), local_files_only=True, output_loading_info=True
-    )
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True
+        )
+    except OSError as exc:
+        raise CheckpointError(f"{folder} has no loadable classifier weights ({exc})") from exc
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing:
         raise CheckpointError(
@@ -288,7 +356,9 @@ def load_task_model(path: PathLike, label_names: list[str] | None = None) -> Tas
             f"random ({sorted(missing)[:5]}); pass the fine-tuned checkpoint, not the pretrained base"
         )
     model = model.float().eval()
-    encoder = TextEncoder(getattr(model, model.base_model_prefix), load_tokenizer(folder), arch.pooling)
+    tokenizer = _pad_like_model(load_tokenizer(folder), model.config)
+    arch = split_of_model(model, tokenizer)
+    encoder = TextEncoder(getattr(model, model.base_model_prefix), tokenizer, arch.pooling)
     names = [str(n) for n in label_names] if label_names is not None else head_names
     return TaskModel(encoder, arch.head(model).eval(), names)
 
@@ -365,7 +435,7 @@ def load_encoder(source: PathLike | Mapping[str, torch.Tensor], config_source: P
 
     if folder is not None and (folder / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        arch = architecture(config.model_type)
+        arch = _encoder_split(config, pooling)
         model, info = AutoModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
                                                 **arch.base_kwargs)  # fmt: skip
         missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
@@ -379,17 +449,27 @@ def load_encoder(source: PathLike | Mapping[str, torch.Tensor], config_source: P
             given_config = AutoConfig.from_pretrained(str(_require_folder(config_folder, "config source")),
                                                       local_files_only=True)  # fmt: skip
         config = given_config
-        arch = architecture(config.model_type)
+        arch = _encoder_split(config, pooling)
         model = AutoModel.from_config(config, **arch.base_kwargs)
         load_base_state(model, _read_weights(folder) if folder is not None else source)
     if pooling is None and folder is not None and is_pooled_classifier(folder):
         pooling = read_pooled_head_config(folder)["pooling"]  # a pooled classifier's encoder gives its own feature
-    return TextEncoder(model.float().eval(), tokenizer, pooling or arch.pooling)
+    return TextEncoder(model.float().eval(), _pad_like_model(tokenizer, config), pooling or arch.pooling)
+
+
+def _encoder_split(config: Any, pooling: str | None) -> Architecture:
+    """The split deciding the base model's kwargs and default feature; a given ``mean``/``cls`` feature needs none."""
+    if config.model_type in ARCHITECTURES or pooling not in ("mean", "cls"):
+        return split_of_config(config)
+    try:
+        return split_of_config(config)
+    except CheckpointError:  # a family without a classifier rule still gives its hidden states
+        return Architecture(pooling, lambda model: model, ())
 
 
 def classifier_head_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The head tensors of an ``AutoModelForSequenceClassification`` (keys as in the classifier)."""
-    arch = architecture(model.config.model_type)
+    arch = split_of_config(model.config)
     return {f"{name}.{k}": v.detach().cpu().contiguous()
             for name in arch.head_modules for k, v in getattr(model, name).state_dict().items()}  # fmt: skip
 
@@ -398,7 +478,7 @@ def head_from_state(config: Any, state: Mapping[str, torch.Tensor], label_names:
     """A head module (as ``load_task_model`` gives) rebuilt from ``classifier_head_state`` tensors, float32."""
     from transformers import AutoModelForSequenceClassification
 
-    arch = architecture(config.model_type)
+    arch = split_of_config(config)
     names = [str(n) for n in label_names]
     config = copy.deepcopy(config)
     config.num_labels = len(names)
