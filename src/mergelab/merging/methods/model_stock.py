@@ -35,10 +35,11 @@ def interpolation_ratio(cos: float, num_models: int) -> float:
 class ModelStock(MergeMethod):
     """Model Stock (algorithms.md §11): w = t·w_avg + (1 − t)·w₀ per tensor.
 
-    Reference: FusionBench ``fusion_bench/method/model_stock/model_stock.py``. Deliberate difference: the mean
-    pairwise cosine is clamped to [0, 1] (the reference does not), so t never goes negative or explodes when the
-    task vectors point apart; cos = 0 returns the base, cos = 1 the average. Designed for several fine-tunes of
-    one task from one base.
+    Semantics: mergekit 0.1.5 ``model_stock`` (the mean of the pairwise cosines; 1.2e-7 from it in
+    ``benchmarks/peer_parity.py``). FusionBench's ``model_stock.py`` averages the pairwise *angles* instead (8.9e-5
+    apart there). Deliberate difference: the mean pairwise cosine is clamped to [0, 1], so t never goes negative or
+    explodes when the task vectors point apart; cos = 0 returns the base, cos = 1 the average. Designed for several
+    fine-tunes of one task from one base.
     """
 
     name = "model_stock"
