@@ -65,3 +65,12 @@ def count_calls(monkeypatch: pytest.MonkeyPatch):
         return calls
 
     return install
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead, and spin badly when the CPU cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,13 +22,7 @@ from mergelab.evaluate.types import SplitFeatures, TaskFeatures
 FAMILIES = aligned_mod.TRANSFORMS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: intra-op threads only add overhead, and spin badly when the CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,12 +26,7 @@ from mergelab.evaluate.types import SplitFeatures, TaskFeatures
 D, C, N = 8, 3, 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_problem() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
