@@ -31,7 +31,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mergelab
-    from mergelab.bench.runner import default_cache_dir, fewshot_pool, resolve_base
+    from mergelab.bench.runner import fewshot_pool, resolve_base
+    from mergelab.core.paths import default_cache_dir
     from mergelab.data.catalog import load_builtin_task
     from mergelab.evaluate.features import FeatureCache
     from mergelab.evaluate.fewshot import sample_per_class

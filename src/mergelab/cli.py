@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mergelab.errors import MergelabError
+from mergelab.core.errors import MergelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Merge fine-tuned models and evaluate them honestly.")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,9 +82,10 @@ def merge_command(
     data: list[str] = typer.Option(None, "--data", help="data-dependent methods: one task data PATH per --model"),
 ) -> None:
     """Merge fine-tuned checkpoints of one base model into one checkpoint."""
-    from mergelab.config import MergeConfig, load_yaml_config, parse_param, validate_config
+    from mergelab.core.config import load_yaml_config, parse_param, validate_config
     from mergelab.learned.registry import data_method_names
     from mergelab.merging.api import merge
+    from mergelab.merging.config import MergeConfig
 
     if config is None and method in data_method_names():
         _merge_with_data(method, base, model or [], data or [], dict(parse_param(p) for p in (param or [])), out, force)
@@ -108,7 +109,7 @@ def merge_command(
         values.update(force=force, allow_nonfinite=allow_nonfinite)
         cfg = validate_config(values, MergeConfig, "from the command line")
     if cfg.data:
-        from mergelab.errors import ConfigError
+        from mergelab.core.errors import ConfigError
 
         raise ConfigError(f"--data is only for data-dependent methods ({', '.join(data_method_names())}); "
                           f"'{cfg.method}' merges weights only")
@@ -132,7 +133,7 @@ def pair_models_with_data(models: list[str], data: list[str]) -> tuple[dict[str,
     Either every value is ``TASK=PATH`` (paired by task name, in any order) or none is (paired by position, tasks
     named ``task0``, ``task1``, ...).
     """
-    from mergelab.errors import ConfigError
+    from mergelab.core.errors import ConfigError
 
     named = [("=" in v) for v in [*models, *data]]
     if not models:
@@ -162,7 +163,7 @@ def _merge_with_data(method: str, base: str | None, models: list[str], data: lis
                      out: str | None, force: bool, max_length: int = 64, seed: int = 0) -> None:  # fmt: skip
     """Data-dependent methods from the CLI: each model with its own task's data (the method reads the split it
     declares: train inputs, labelled validation, or test inputs for the transductive AdaMerging)."""
-    from mergelab.errors import ConfigError
+    from mergelab.core.errors import ConfigError
     from mergelab.learned.api import info_as_json, merge_with_data
 
     if not base or not out:
@@ -214,7 +215,7 @@ def methods_command() -> None:
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    from mergelab.errors import ConfigError
+    from mergelab.core.errors import ConfigError
 
     out = {}
     for value in values or []:
@@ -243,7 +244,7 @@ def eval_command(
     import json
 
     from mergelab.bench.report import aggregate, protocol_label
-    from mergelab.errors import ConfigError
+    from mergelab.core.errors import ConfigError
     from mergelab.evaluate.api import evaluate
     from mergelab.io.writer import atomic_write_text
 
@@ -363,7 +364,7 @@ def vision_bench_command(
     budgets: str = typer.Option("1.0,1.2,1.5,2.0", "--budgets", help="PLeaS width budgets between 1.0 and 2.0"),
 ) -> None:
     """PLeaS on two small CNNs trained from different inits (MNIST vs Fashion-MNIST); accuracy-vs-budget plot."""
-    from mergelab.errors import ConfigError
+    from mergelab.core.errors import ConfigError
     from mergelab.pleas.benchmark import run_vision_benchmark
 
     try:

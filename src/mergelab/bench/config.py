@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mergelab.config import StrictModel, load_yaml_config
+from mergelab.core.config import StrictModel, load_yaml_config
 from mergelab.finetune.experts import FinetuneConfig
 
 PROTOCOLS = ("current", "knn", "aligned", "ft_classifier", "linear_probe", "ensemble", "surgery")
@@ -154,7 +154,7 @@ def builtin_config(name: str) -> ExperimentConfig:
     """An embedded experiment: ``demo`` (the default job) or ``full`` (every method and protocol)."""
     from importlib.resources import files
 
-    from mergelab.errors import ConfigError
+    from mergelab.core.errors import ConfigError
 
     if name not in BUILTIN_CONFIGS:
         raise ConfigError(f"no built-in experiment '{name}'; built in: {', '.join(BUILTIN_CONFIGS)} (or a YAML path)")

@@ -618,7 +618,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                             "fewshot_pool")}  # fmt: skip
         meta["experts"] = store.get_meta("experts", {})
     if not rows:
-        from mergelab.errors import MergelabError
+        from mergelab.core.errors import MergelabError
 
         raise MergelabError(f"no results in {run_dir}; run `mergelab bench CONFIG --out {run_dir}` first")
     tasks = task_order(rows)

@@ -19,7 +19,8 @@ import torch
 
 from mergelab.bench.config import ExperimentConfig, MethodSpec
 from mergelab.bench.store import ResultStore, cell_key
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
+from mergelab.core.paths import default_cache_dir
 
 Log = Callable[[str], None]
 
@@ -624,13 +625,3 @@ def save_tsne(ctx: RunContext, finetuned: dict[str, Any], merged: dict[str, Any]
                        "merged": coords[n:].tolist()})  # fmt: skip
     method = ctx.cfg.tsne_method or ctx.cfg.methods[0].display
     atomic_write_text(ctx.run_dir / "tsne.json", json.dumps({"method": method, "panels": panels}))
-
-
-def default_cache_dir() -> Path:
-    """$MERGELAB_CACHE, else $XDG_CACHE_HOME/mergelab, else ~/.cache/mergelab."""
-    import os
-
-    if os.environ.get("MERGELAB_CACHE"):
-        return Path(os.environ["MERGELAB_CACHE"])
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "mergelab"

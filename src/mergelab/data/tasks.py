@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "dev"), "test": ("test",)}
 FORMATS = (".csv", ".jsonl", ".json", ".parquet", ".tsv")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 
 PathLike = str | os.PathLike[str]
 DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
@@ -74,7 +74,7 @@ def evaluate(
     seed, shots) with accuracy, normalised accuracy (÷ the fine-tuned model's own accuracy) and the transductive
     mark. Features are cached on disk: a second protocol, seed or shot count runs no encoder forward pass.
     """
-    from mergelab.bench.runner import default_cache_dir
+    from mergelab.core.paths import default_cache_dir
     from mergelab.data.tasks import load_task
     from mergelab.evaluate.features import FeatureCache
     from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, protocol_infos, run_protocol

@@ -26,9 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
+from mergelab.core.progress import progress_bar
 from mergelab.evaluate.types import SplitFeatures, TaskFeatures
-from mergelab.progress import progress_bar
 
 FORMAT = "mergelab-features-v1"
 Advance = Callable[[int], None] | None

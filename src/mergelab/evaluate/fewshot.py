@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.errors import ConfigError, DataError
-from mergelab.rng import derive_seed
+from mergelab.core.errors import ConfigError, DataError
+from mergelab.core.rng import derive_seed
 
 __all__ = ["derive_seed", "sample_count", "sample_fraction", "sample_per_class"]
 

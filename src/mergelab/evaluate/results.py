@@ -13,11 +13,12 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 import pandas as pd
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 from mergelab.evaluate.protocols.common import ProtocolOutcome
 
 AVERAGE = "average"
@@ -274,3 +275,14 @@ def table_text(
     """The same table as plain text (for logs and markdown-free reports)."""
     table_data = pivot_table(summary, model=model, shots=shots, normalized=normalized)
     return table_data.to_string()
+
+
+class ModelKind(str, Enum):
+    """What an evaluated model is: the value stored in a result row's ``model`` column."""
+
+    FINETUNED = "finetuned"  # each task's own expert (the upper bound)
+    PRETRAINED = "pretrained"  # the base encoder (the lower bound)
+    MERGED = "merged"  # one merged encoder (a method with its chosen parameters)
+    MULTITASK = "mtl"  # jointly fine-tuned on every task (a reference, not a merge)
+    ENSEMBLE = "ensemble"  # output ensemble of the experts
+    NEULIG = "neulig"  # the NeuLig router's ensemble vs merge

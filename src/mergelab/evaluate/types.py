@@ -36,7 +36,7 @@ class TaskFeatures:
 
     def split(self, name: str) -> SplitFeatures:
         if name not in self.splits:
-            from mergelab.errors import DataError
+            from mergelab.core.errors import DataError
 
             raise DataError(
                 f"task '{self.task}' has no '{name}' split (has: {', '.join(sorted(self.splits))}); "

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab.errors import CheckpointError, ConfigError, DataError
+from mergelab.core.errors import CheckpointError, ConfigError, DataError
+from mergelab.core.progress import progress_bar
+from mergelab.core.rng import derive_seed
 from mergelab.io.writer import atomic_folder
 from mergelab.models.fingerprint import checkpoint_fingerprint
-from mergelab.progress import progress_bar
-from mergelab.rng import derive_seed
 
 PathLike = str | os.PathLike[str]
 TRAINING_LOG = "mergelab_training.json"

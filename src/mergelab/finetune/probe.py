@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 
 PROBE_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 MISSING_CLASS_MARGIN = 10.0  # logit gap below every seen class for a class absent from the train split

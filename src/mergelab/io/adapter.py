@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 from mergelab.io.alignment import find_key_mapping
 from mergelab.io.reader import (
     CheckpointReader,

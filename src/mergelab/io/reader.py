@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"

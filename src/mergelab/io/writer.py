@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 from mergelab.learned.base import (
     DataMergeMethod,
     ExpertSet,

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.data.tasks import TextTask
-from mergelab.errors import CheckpointError, ConfigError, DataError
 from mergelab.learned.base import ExpertInput, ExpertSet, Split, State, sample_indices
 from mergelab.learned.neulig import RouterLoss, WeightsFrom
 from mergelab.learned.registry import build_data_method

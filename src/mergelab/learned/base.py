@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from mergelab.errors import CheckpointError, ConfigError, DataError
+from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.merging.base import MethodParams
 from mergelab.merging.ops import elect_signs, kth_smallest_magnitude, majority_sign, trim, trim_rank
 from mergelab.models.task_model import TaskModel

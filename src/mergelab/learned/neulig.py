@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.protocols.common import seeded
 from mergelab.learned.adamerging import entropy
 from mergelab.learned.base import State

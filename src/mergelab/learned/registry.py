@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.learned.base import DataMergeMethod
 from mergelab.merging.base import MethodParams
 from mergelab.merging.registry import describe_params

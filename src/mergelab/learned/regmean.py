@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 from mergelab.learned.base import (
     DataMergeMethod,
     ExpertSet,

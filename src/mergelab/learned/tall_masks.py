@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.learned.base import (
     DataMergeMethod,
     ExpertSet,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.io.adapter import shared_base
 from mergelab.io.reader import CheckpointReader, open_checkpoint
 from mergelab.io.writer import ShardedWriter, atomic_folder, check_target, copy_side_files, parse_size

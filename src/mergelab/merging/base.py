@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 
 CHUNK = 1 << 22  # entries per chunk for elementwise work on large tensors (16 MB of float32)
 

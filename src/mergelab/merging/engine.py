@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 from mergelab.io.alignment import AlignedReader, align
 from mergelab.io.reader import CheckpointReader
 from mergelab.io.writer import TensorSpec

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from mergelab.errors import ConfigError, MergelabError
+from mergelab.core.errors import ConfigError, MergelabError
 
 RADIX_BITS = 16
 RADIX_BINS = 1 << RADIX_BITS

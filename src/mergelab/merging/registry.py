@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.merging.base import MergeMethod
 
 

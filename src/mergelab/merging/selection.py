@@ -19,7 +19,7 @@ class TensorSelection:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
 
     def __post_init__(self) -> None:
-        from mergelab.errors import ConfigError
+        from mergelab.core.errors import ConfigError
 
         for pattern in (*self.include, *self.exclude):
             try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 # features depend on the tokenizer as much as on the weights, so its files are part of a checkpoint's identity

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab.errors import CheckpointError, ConfigError, DataError
+from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.models.split import ROBERTA_LIKE, Architecture, refuse, structural_split, verified_split
 from mergelab.models.task_model import TaskModel, check_label_names
 

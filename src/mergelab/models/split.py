@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 
 FEATURES = ("pooler", "cls", "last", "eos")
 ROBERTA_LIKE = frozenset({"roberta", "xlm-roberta", "camembert", "data2vec-text", "xlm-roberta-xl", "xmod",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.pleas.batchnorm import reestimate_batchnorm_
 from mergelab.pleas.evaluation import (
     accuracy,

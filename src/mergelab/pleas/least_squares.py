@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.pleas.common import capture_io, iter_batches
 from mergelab.pleas.partial import GroupSplit
 from mergelab.pleas.spec import PermutationSpec

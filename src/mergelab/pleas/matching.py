@@ -16,7 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.pleas.common import capture, iter_batches
 from mergelab.pleas.spec import PermutationSpec
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.pleas.batchnorm import reestimate_batchnorm_
 from mergelab.pleas.least_squares import least_squares_
 from mergelab.pleas.matching import Matching, Similarity, activation_matching, weight_matching

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.pleas.matching import Matching
 from mergelab.pleas.spec import AxisGroups, PermutationSpec
 

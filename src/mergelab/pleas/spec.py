@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 
 AxisGroups = tuple[str | None, ...]
 

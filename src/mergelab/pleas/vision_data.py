@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 
 FASHION_MNIST_APT = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")  # where the Debian package installs it

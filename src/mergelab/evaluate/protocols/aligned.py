@@ -97,7 +97,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.fewshot import derive_seed
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.types import SplitFeatures, TaskFeatures
 
 PREDICT_CHUNK = 4096  # rows per forward pass when scoring a head

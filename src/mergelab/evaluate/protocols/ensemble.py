@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,
     ProtocolOutcome,

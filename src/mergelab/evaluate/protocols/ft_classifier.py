@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate import fewshot
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,

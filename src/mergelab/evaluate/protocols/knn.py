@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 from mergelab.evaluate.fewshot import sample_per_class
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.evaluate.fewshot import derive_seed, sample_per_class
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,

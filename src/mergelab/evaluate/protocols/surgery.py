@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.evaluate.fewshot import derive_seed, sample_count
 from mergelab.evaluate.protocols.common import (
     ProtocolContext,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field, field_validator
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.merging.base import MergeMethod, MethodParams
 from mergelab.merging.ops import rank_from_ratio, truncated_svd
 

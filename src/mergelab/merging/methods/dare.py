@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 import torch
 from pydantic import Field
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.merging.base import MergeMethod, MethodParams
 from mergelab.merging.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams
 from mergelab.merging.methods.ties import Disjoint, Scope, Ties, TiesParams

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergelab.errors import MergelabError
+from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, MethodParams, chunk_slices, per_model_values
 from mergelab.merging.ops import (
     bits_to_float,

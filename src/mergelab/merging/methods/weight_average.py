@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field, field_validator
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.merging.base import MergeMethod, MethodParams, per_model_values
 
 

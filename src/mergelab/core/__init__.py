@@ -1,0 +1,1 @@
+"""The bottom layer: errors, paths (the cache folder), seeds and samplers, progress, config parsing helpers."""
