@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.api import expand_cells
 from mergelab.evaluate.protocols import aligned as aligned_mod
 from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol

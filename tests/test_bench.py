@@ -19,7 +19,7 @@ from mergelab.bench.config import ExperimentConfig, load_experiment_config
 from mergelab.bench.report import aggregate, build_report
 from mergelab.bench.runner import run_benchmark
 from mergelab.bench.store import ResultStore
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from tests._text_helpers import make_task, tiny_classifier
 
 REPO = Path(__file__).resolve().parents[1]

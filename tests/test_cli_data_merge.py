@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mergelab.cli import app, pair_models_with_data
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.learned.api import merge_with_data
 from tests._learned_helpers import tiny_family
 

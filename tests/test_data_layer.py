@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mergelab.core.errors import DataError
 from mergelab.data.catalog import builtin_task_names, load_builtin_task
 from mergelab.data.splits import stratified_split, stratified_subsample
 from mergelab.data.tasks import load_task, load_task_folder
-from mergelab.errors import DataError
 
 
 def _frame(n: int, labels=("neg", "pos", "neu")) -> pd.DataFrame:

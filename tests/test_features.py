@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.features import FeatureCache, cache_file, cache_key, extract_features
 from mergelab.models.fingerprint import checkpoint_fingerprint
 from mergelab.models.hf import load_task_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.fewshot import derive_seed, sample_count, sample_fraction, sample_per_class
 
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from mergelab.errors import CheckpointError, ConfigError, DataError
+from mergelab.core.errors import CheckpointError, ConfigError, DataError
+from mergelab.core.rng import derive_seed
 from mergelab.evaluate.features import FeatureCache
 from mergelab.finetune import experts
 from mergelab.finetune.experts import (
@@ -26,7 +27,6 @@ from mergelab.finetune.experts import (
     round_robin,
 )
 from mergelab.models.hf import label_names_of, load_encoder, load_task_model
-from mergelab.rng import derive_seed
 from tests._hf_helpers import Split, Task, make_task, tiny_base
 
 FAST = dict(epochs=6, lr=1e-2, max_length=16, batch_size=8, seed=0, weight_decay=0.0, warmup_ratio=0.0,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.errors import ConfigError
+from mergelab.core.errors import ConfigError
 from mergelab.evaluate import fewshot
 from mergelab.evaluate.api import expand_cells
 from mergelab.evaluate.protocols.common import ProtocolContext, head_logits, run_protocol

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 from mergelab.io.alignment import KeyMapping, align, find_key_mapping
 from mergelab.io.reader import open_checkpoint
 from mergelab.io.writer import TensorSpec, atomic_folder, parse_size, plan_shards, save_state_dict

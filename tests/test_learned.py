@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import mergelab
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.data.tasks import TextTask
-from mergelab.errors import ConfigError, DataError
 from mergelab.learned import tall_masks as tall_module
 from mergelab.learned.adamerging import entropy, learn_coefficients, merged_parameters
 from mergelab.learned.api import load_expert_set, merge_with_data, neulig_with_data, tall_masks_with_data

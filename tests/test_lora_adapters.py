@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import mergelab
 from mergelab.cli import app
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 from mergelab.io.adapter import AdapterReader
 from mergelab.io.reader import open_checkpoint
 from tests._hf_helpers import tiny_base, tiny_classifier

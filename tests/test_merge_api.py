@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import mergelab
-from mergelab.errors import CheckpointError, ConfigError
+from mergelab.core.errors import CheckpointError, ConfigError
 from mergelab.io.reader import open_checkpoint
 from tests.conftest import make_family
 

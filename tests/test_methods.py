@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from mergelab.errors import ConfigError, MergelabError
+from mergelab.core.errors import ConfigError, MergelabError
 from mergelab.merging import ops
 from mergelab.merging.base import MergeMethod
 from mergelab.merging.methods.cart import Cart, CartParams

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
 
-from mergelab.errors import CheckpointError
+from mergelab.core.errors import CheckpointError
 from mergelab.models import split as split_module
 from mergelab.models.hf import classifier_head_state, head_from_state, load_encoder, load_task_model
 from tests._hf_helpers import SPECIAL, VOCAB, WORDS

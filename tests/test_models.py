@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from mergelab.errors import CheckpointError, ConfigError, DataError
+from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
 from mergelab.models.hf import (
     architecture,

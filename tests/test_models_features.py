@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from mergelab.errors import CheckpointError, DataError
+from mergelab.core.errors import CheckpointError, DataError
 from mergelab.evaluate.features import FeatureCache
 from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
 from mergelab.finetune.experts import get_or_train_expert

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mergelab.errors import ConfigError, MergelabError
+from mergelab.core.errors import ConfigError, MergelabError
 from mergelab.merging import ops
 
 

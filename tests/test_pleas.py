@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.pleas import (
     MLP,
     SmallResNet,

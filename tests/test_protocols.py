@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.errors import ConfigError, DataError
+from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.protocols import aligned as aligned_mod
 from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, protocol_infos, run_protocol
 from mergelab.evaluate.protocols.ft_classifier import kl_teacher_student, refit_head

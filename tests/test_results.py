@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from mergelab.errors import DataError
+from mergelab.core.errors import DataError
 from mergelab.evaluate.protocols.common import ProtocolOutcome
 from mergelab.evaluate.results import (
     ResultRow,
