@@ -11,7 +11,8 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mergelab.cli import app, pair_models_with_data
+from mergelab.cli import app
+from mergelab.cli.common import pair_models_with_data
 from mergelab.core.errors import ConfigError
 from mergelab.learned.api import merge_with_data
 from tests._learned_helpers import tiny_family
