@@ -54,7 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from mergelab.evaluate.protocols.aligned import TRANSFORMS, fit_transform, halves
-    from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
+    from mergelab.evaluate.protocols.common import ProtocolContext
+    from mergelab.evaluate.protocols.registry import run_protocol
 
     merged, finetuned, head = problem(args.n, args.dim, args.classes, args.seed)
     x, y = merged.split("test").features, finetuned.split("test").features

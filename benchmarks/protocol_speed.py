@@ -36,7 +36,8 @@ def main() -> None:
     from mergelab.data.catalog import load_builtin_task
     from mergelab.evaluate.features import FeatureCache
     from mergelab.evaluate.fewshot import sample_per_class
-    from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
+    from mergelab.evaluate.protocols.common import ProtocolContext
+    from mergelab.evaluate.protocols.registry import run_protocol
     from mergelab.finetune.experts import get_or_train_expert
     from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
     from mergelab.models.hf import load_encoder, load_task_model

@@ -16,7 +16,8 @@ from torch import nn
 from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.api import expand_cells
 from mergelab.evaluate.protocols import aligned as aligned_mod
-from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
+from mergelab.evaluate.protocols.common import ProtocolContext
+from mergelab.evaluate.protocols.registry import run_protocol
 from mergelab.evaluate.types import SplitFeatures, TaskFeatures
 
 FAMILIES = aligned_mod.TRANSFORMS
@@ -147,8 +148,8 @@ def test_halves_are_disjoint_cover_and_are_seeded():
 @pytest.mark.parametrize("control", ["none", "shuffled"])
 def test_each_half_is_scored_by_the_map_fitted_on_the_other(noise: ProtocolContext, control: str):
     out = run_protocol("aligned", noise, seed=3, transform="procrustes", control=control)
-    x, y = noise.merged.split("test").features, noise.finetuned.split("test").features
-    labels = noise.merged.split("test").labels
+    x, y = noise.evaluated.split("test").features, noise.finetuned.split("test").features
+    labels = noise.evaluated.split("test").labels
     assert len(out.predictions) == len(labels) == out.extras["n_scored"]
     assert out.accuracy == int((out.predictions == labels).sum()) / len(labels)  # correct / N, exactly
     if control == "shuffled":  # item i gets another item's merged row, for fitting and scoring alike

@@ -193,6 +193,6 @@ def test_builtin_configs_are_valid():
 
 def test_config_protocol_names_match_the_protocol_registry():
     from mergelab.bench.config import PROTOCOLS
-    from mergelab.evaluate.protocols.common import protocol_infos
+    from mergelab.evaluate.protocols.registry import protocol_infos
 
     assert set(PROTOCOLS) == set(protocol_infos())

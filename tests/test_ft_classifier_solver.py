@@ -19,8 +19,9 @@ from torch import nn
 from mergelab.core.errors import ConfigError
 from mergelab.evaluate import fewshot
 from mergelab.evaluate.api import expand_cells
-from mergelab.evaluate.protocols.common import ProtocolContext, head_logits, run_protocol
+from mergelab.evaluate.protocols.common import ProtocolContext, head_logits
 from mergelab.evaluate.protocols.ft_classifier import full_batch_kl, refit_head, solve_head
+from mergelab.evaluate.protocols.registry import run_protocol
 from mergelab.evaluate.types import SplitFeatures, TaskFeatures
 
 D, C, N = 8, 3, 30
@@ -132,7 +133,7 @@ def toy_context(seed: int = 0) -> ProtocolContext:
     with torch.no_grad():
         head.weight.copy_(0.12 * basis.T)
         head.bias.zero_()
-    return ProtocolContext(task="toy", merged=merged, head=head, finetuned=finetuned)
+    return ProtocolContext(task="toy", evaluated=merged, head=head, finetuned=finetuned)
 
 
 def test_reference_solver_is_the_unchanged_reference_schedule():
@@ -143,11 +144,11 @@ def test_reference_solver_is_the_unchanged_reference_schedule():
         assert default.accuracy == explicit.accuracy and torch.equal(default.predictions, explicit.predictions)
         assert default.extras == explicit.extras
         # the schedule spelled out by hand: same draw, same teacher, same 5 epochs of batch-1 Adam
-        train, ft_train = ctx.merged.split("train"), ctx.finetuned.split("train")
+        train, ft_train = ctx.evaluated.split("train"), ctx.finetuned.split("train")
         index = fewshot.sample_per_class(train.labels, shots, seed, num_classes=4, what="toy")
         teacher = head_logits(ctx.head, ft_train.features[index])
         student, losses = refit_head(ctx.head, train.features[index], teacher, seed=seed)
-        predictions = head_logits(student, ctx.merged.split("test").features).argmax(dim=1)
+        predictions = head_logits(student, ctx.evaluated.split("test").features).argmax(dim=1)
         assert torch.equal(default.predictions, predictions) and default.extras["losses"] == losses
         assert default.extras["solver"] == "reference" and default.extras["iterations"] == 5 * 4 * shots
         assert default.extras["final_kl"] == pytest.approx(full_batch_kl(student, train.features[index], teacher))
@@ -178,7 +179,7 @@ def test_converged_solver_on_a_non_linear_head():
     ctx = toy_context(seed=3)
     torch.manual_seed(0)
     head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
-    mlp = ProtocolContext(task="toy", merged=ctx.merged, head=head, finetuned=ctx.finetuned)
+    mlp = ProtocolContext(task="toy", evaluated=ctx.evaluated, head=head, finetuned=ctx.finetuned)
     out = run_protocol("ft_classifier", mlp, seed=0, shots=2, solver="converged")
     assert out.extras["final_kl"] < out.extras["initial_kl"]
     assert out.extras["converged"] or out.extras["stop"] in ("stalled", "max_iter")

@@ -17,9 +17,10 @@ from torch import nn
 
 from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.protocols import aligned as aligned_mod
-from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, protocol_infos, run_protocol
+from mergelab.evaluate.protocols.common import ProtocolContext
 from mergelab.evaluate.protocols.ft_classifier import kl_teacher_student, refit_head
 from mergelab.evaluate.protocols.knn import mean_distance_scores
+from mergelab.evaluate.protocols.registry import get_protocol, protocol_infos, run_protocol
 from mergelab.evaluate.protocols.surgery import SurgeryAdapter
 from mergelab.evaluate.types import SplitFeatures, TaskFeatures
 
@@ -63,7 +64,7 @@ class Toy:
     def ctx(self, merged: TaskFeatures | None = None, **kw) -> ProtocolContext:
         return ProtocolContext(
             task="toy",
-            merged=self.rotated if merged is None else merged,
+            evaluated=self.rotated if merged is None else merged,
             head=self.head,
             finetuned=self.finetuned,
             **kw,
@@ -107,7 +108,7 @@ def test_registry_names_flags_and_errors(toy: Toy):
         "surgery",
     ]
     assert {n for n, i in infos.items() if i.transductive} == {"aligned", "surgery"}
-    assert {n for n, i in infos.items() if i.deterministic} == {"current", "aligned", "ensemble", "surgery"}
+    assert {n for n, i in infos.items() if i.single_cell} == {"current", "aligned", "ensemble", "surgery"}
     with pytest.raises(ConfigError, match="unknown protocol 'nope'.*current, knn, aligned"):
         get_protocol("nope")
     with pytest.raises(ConfigError, match="'bogus'.*its options are: transform, steps"):
@@ -125,7 +126,7 @@ def test_registry_names_flags_and_errors(toy: Toy):
 
 
 def test_missing_inputs_raise_data_errors(toy: Toy):
-    no_teacher = ProtocolContext(task="toy", merged=toy.rotated, head=toy.head)
+    no_teacher = ProtocolContext(task="toy", evaluated=toy.rotated, head=toy.head)
     for name in ("aligned", "ft_classifier", "surgery"):
         with pytest.raises(DataError, match=f"'{name}' on task 'toy' needs the fine-tuned"):
             run_protocol(name, no_teacher)
@@ -135,13 +136,13 @@ def test_missing_inputs_raise_data_errors(toy: Toy):
     shuffled.splits["test"] = SplitFeatures(
         toy.finetuned.splits["test"].features[:-1], toy.finetuned.splits["test"].labels[:-1]
     )
-    mismatched = ProtocolContext(task="toy", merged=toy.rotated, head=toy.head, finetuned=shuffled)
+    mismatched = ProtocolContext(task="toy", evaluated=toy.rotated, head=toy.head, finetuned=shuffled)
     with pytest.raises(DataError, match="same inputs in the same order"):
         run_protocol("aligned", mismatched, transform="procrustes")
-    no_split = ProtocolContext(task="toy", merged=TaskFeatures("toy", {}), head=toy.head)
+    no_split = ProtocolContext(task="toy", evaluated=TaskFeatures("toy", {}), head=toy.head)
     with pytest.raises(DataError, match="has no 'test' split"):
         run_protocol("current", no_split)
-    wrong_head = ProtocolContext(task="toy", merged=toy.rotated, head=nn.Linear(D, 2))
+    wrong_head = ProtocolContext(task="toy", evaluated=toy.rotated, head=nn.Linear(D, 2))
     with pytest.raises(DataError, match="head has 2 outputs"):
         run_protocol("current", wrong_head)
 
@@ -185,7 +186,7 @@ def test_knn_protocol_on_a_hand_example():
     train = SplitFeatures(torch.tensor([[-1.0], [1.0], [0.9], [0.9]]), torch.tensor([0, 0, 1, 1]))
     test = SplitFeatures(torch.tensor([[0.0], [-3.0]]), torch.tensor([1, 0]))
     ctx = ProtocolContext(
-        task="hand", merged=TaskFeatures("hand", {"train": train, "test": test}), head=nn.Linear(1, 2)
+        task="hand", evaluated=TaskFeatures("hand", {"train": train, "test": test}), head=nn.Linear(1, 2)
     )
     out = run_protocol("knn", ctx, seed=0, shots=2)
     assert out.predictions.tolist() == [1, 0] and out.accuracy == 1.0
@@ -367,7 +368,7 @@ def test_ft_classifier_trains_an_mlp_head_copy():
     torch.manual_seed(0)
     head = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Dropout(0.1), nn.Linear(D, C))
     before = state(head)
-    ctx = ProtocolContext(task="toy", merged=toy.rotated, head=head, finetuned=toy.finetuned)
+    ctx = ProtocolContext(task="toy", evaluated=toy.rotated, head=head, finetuned=toy.finetuned)
     out = run_protocol("ft_classifier", ctx, seed=0, shots=3, head_dropout=True)
     assert out.extras["losses"][-1] < out.extras["losses"][0]
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items()) and head.training
@@ -411,7 +412,7 @@ def test_ensemble_averages_features_not_logits():
         return TaskFeatures("e", {"test": SplitFeatures(torch.tensor([[value]]), labels)})
 
     ctx = ProtocolContext(
-        task="e", merged=member(0.5), head=AbsHead(), ensemble_features=[member(3.0), member(-3.0)]
+        task="e", evaluated=member(0.5), head=AbsHead(), ensemble_features=[member(3.0), member(-3.0)]
     )
     out = run_protocol("ensemble", ctx)
     assert out.predictions.tolist() == [1] and out.accuracy == 1.0

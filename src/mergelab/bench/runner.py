@@ -290,7 +290,8 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
     """Run every (protocol, seed, shots) cell of ``subject`` on every task, skipping stored cells.
 
     ``heads`` replaces the experts' heads (the multi-task model brings its own)."""
-    from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, run_protocol
+    from mergelab.evaluate.protocols.common import ProtocolContext
+    from mergelab.evaluate.protocols.registry import get_protocol, run_protocol
 
     cells = protocol_cells(ctx.cfg, protocols)
     for task_name, feats in features.items():
@@ -302,7 +303,7 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
         if not pending:
             continue
         context = ProtocolContext(
-            task=task_name, merged=feats, head=(heads or {}).get(task_name, ctx.experts[task_name].head),
+            task=task_name, evaluated=feats, head=(heads or {}).get(task_name, ctx.experts[task_name].head),
             finetuned=finetuned[task_name],
             ensemble_features=(ensemble or {}).get(task_name, []), eval_split="test",
         )  # fmt: skip
@@ -327,7 +328,8 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: dict[str, Any]
 def validation_score(ctx: RunContext, encoder: Any, fingerprint: str,
                      finetuned_val_accuracy: dict[str, float], finetuned: dict[str, Any]) -> float:  # fmt: skip
     """Average normalised accuracy over tasks on the validation split, by the configured selection protocol."""
-    from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
+    from mergelab.evaluate.protocols.common import ProtocolContext
+    from mergelab.evaluate.protocols.registry import run_protocol
 
     protocol = ctx.cfg.select_protocol
     splits = ("validation",) if protocol == "current" else ("train", "validation")
@@ -339,7 +341,7 @@ def validation_score(ctx: RunContext, encoder: Any, fingerprint: str,
                 "validation file to its folder or replace the method's grid by fixed params"
             )
         feats = encoder_features(ctx, encoder, fingerprint, task, splits)
-        context = ProtocolContext(task=name, merged=feats, head=ctx.experts[name].head, finetuned=finetuned[name],
+        context = ProtocolContext(task=name, evaluated=feats, head=ctx.experts[name].head, finetuned=finetuned[name],
                                   eval_split="validation")  # fmt: skip
         shots = 5 if 5 in ctx.cfg.shots else ctx.cfg.shots[0]
         result = run_protocol(protocol, context, seed=0, shots=shots, **ctx.cfg.protocol_options.get(protocol, {}))
@@ -591,7 +593,8 @@ def record_expert_checks(ctx: RunContext, pretrained: dict[str, Any], expert_acc
 
 def finetuned_accuracies(ctx: RunContext, finetuned: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
     """Each expert's own accuracy (Current Eval with its own head) on test and validation: the normaliser."""
-    from mergelab.evaluate.protocols.common import ProtocolContext, run_protocol
+    from mergelab.evaluate.protocols.common import ProtocolContext
+    from mergelab.evaluate.protocols.registry import run_protocol
 
     test, val = {}, {}
     for name, feats in finetuned.items():

@@ -18,14 +18,14 @@ DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
 def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int, transforms: Sequence[str],
                  protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
                  ) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
-    """(stored name, protocol, options, seed, shots) for every cell; deterministic protocols run once (Surgery
+    """(stored name, protocol, options, seed, shots) for every cell; single-cell protocols run once (Surgery
     also runs per seed and shot count on k × C inputs, unless ``protocol_options`` fix its ``samples``).
     FT-Classifier runs with both solvers, stored as ``ft_classifier`` (reference schedule) and
     ``ft_classifier:converged`` (L-BFGS to convergence), unless ``protocol_options`` fix its ``solver``.
     Aligned runs each transform cross-fitted (``aligned:{t}``) and as its shuffled-pairs noise control
     (``aligned-control:{t}``); with ``fit: in_sample`` the names are ``aligned-insample[-control]:{t}``; a fixed
     ``control`` option keeps only that cell."""
-    from mergelab.evaluate.protocols.common import get_protocol
+    from mergelab.evaluate.protocols.registry import get_protocol
 
     cells = []
     for protocol in protocols:
@@ -44,7 +44,7 @@ def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int, tra
             for solver in [fixed] if fixed else ["reference", "converged"]:
                 stored = protocol if solver == "reference" else f"{protocol}:{solver}"
                 cells += [(stored, protocol, {"solver": solver}, seed, k) for seed in range(seeds) for k in shots]
-        elif info.deterministic:
+        elif info.single_cell:
             cells.append((protocol, protocol, {}, 0, 0))
         else:
             cells += [(protocol, protocol, {}, seed, k) for seed in range(seeds) for k in shots]
@@ -77,7 +77,8 @@ def evaluate(
     from mergelab.core.paths import default_cache_dir
     from mergelab.data.tasks import load_task
     from mergelab.evaluate.features import FeatureCache
-    from mergelab.evaluate.protocols.common import ProtocolContext, get_protocol, protocol_infos, run_protocol
+    from mergelab.evaluate.protocols.common import ProtocolContext
+    from mergelab.evaluate.protocols.registry import get_protocol, protocol_infos, run_protocol
     from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
     from mergelab.models.hf import load_encoder, load_task_model
 

@@ -602,7 +602,7 @@ def aligned(
         raise ConfigError(f"protocol 'aligned': option 'control' must be one of {', '.join(CONTROLS)}, got {control!r}")
     finetuned = ctx.require_finetuned("aligned")
     merged_split, finetuned_split = paired_split(
-        ctx.task, ctx.merged, finetuned, ctx.eval_split, "merged and fine-tuned"
+        ctx.task, ctx.evaluated, finetuned, ctx.eval_split, "merged and fine-tuned"
     )
     source, target = merged_split.features.float(), finetuned_split.features.float()
     labels = merged_split.labels

@@ -28,7 +28,7 @@ PREDICT_CHUNK = 4096  # rows per forward pass when scoring a head
 class ProtocolContext:
     """Inputs of one (encoder, task) evaluation.
 
-    ``merged``: features of the evaluated encoder (merged, pretrained, or even the fine-tuned one for bounds).
+    ``evaluated``: features of the evaluated encoder (merged, pretrained, or even the fine-tuned one for bounds).
     ``head``: the task's fine-tuned head, any module mapping [N, d] → [N, C] logits (never modified).
     ``finetuned``: features of the task's own fine-tuned encoder (teacher/target of ft_classifier, aligned,
     surgery). ``ensemble_features``: features of all T fine-tuned encoders on this task (ensemble only).
@@ -36,14 +36,14 @@ class ProtocolContext:
     """
 
     task: str
-    merged: TaskFeatures
+    evaluated: TaskFeatures
     head: nn.Module
     finetuned: TaskFeatures | None = None
     ensemble_features: list[TaskFeatures] = field(default_factory=list)
     eval_split: str = "test"
 
     def eval_features(self) -> SplitFeatures:
-        return self.merged.split(self.eval_split)
+        return self.evaluated.split(self.eval_split)
 
     def require_finetuned(self, protocol: str) -> TaskFeatures:
         if self.finetuned is None:
@@ -62,24 +62,6 @@ class ProtocolOutcome:
     predictions: torch.Tensor
     transductive: bool
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-ProtocolFn = Callable[..., ProtocolOutcome]
-
-
-@dataclass(frozen=True)
-class ProtocolInfo:
-    """A registry entry: ``transductive`` is the default mark (an option may change it, the outcome says so);
-    ``deterministic`` protocols ignore ``shots`` (and ``seed``, except for a seeded initialisation); ``dense``
-    protocols fit maps on [N, d] × [d, d] matrices, where more threads pay (the benchmark gives them its
-    ``threads``; the others, on few-shot sets, run faster on ``protocol_threads``)."""
-
-    name: str
-    fn: ProtocolFn
-    transductive: bool
-    deterministic: bool
-    summary: str
-    dense: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -187,77 +169,3 @@ def positive(protocol: str, name: str, value: float, integer: bool = False) -> N
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
         kind = "a positive integer" if integer else "a positive number"
         raise ConfigError(f"protocol '{protocol}': option '{name}' must be {kind}, got {value!r}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# registry
-
-
-def protocol_infos() -> dict[str, ProtocolInfo]:
-    """Every evaluation protocol, by name (modules imported on demand)."""
-    from mergelab.evaluate.protocols.aligned import aligned
-    from mergelab.evaluate.protocols.current import current
-    from mergelab.evaluate.protocols.ensemble import ensemble
-    from mergelab.evaluate.protocols.ft_classifier import ft_classifier
-    from mergelab.evaluate.protocols.knn import knn
-    from mergelab.evaluate.protocols.linear_probe import linear_probe
-    from mergelab.evaluate.protocols.surgery import surgery
-
-    infos = (
-        ProtocolInfo(
-            "current", current, False, True, "argmax of the fine-tuned head on the evaluated features"
-        ),
-        ProtocolInfo(
-            "knn", knn, False, False, "smallest mean Euclidean distance to k labelled train anchors/class"
-        ),
-        ProtocolInfo(
-            "aligned",
-            aligned,
-            True,
-            True,
-            "fit a transform G to fine-tuned features on unlabelled "
-            "eval inputs (L1), score the fine-tuned head on G(features)",
-            dense=True,
-        ),
-        ProtocolInfo(
-            "ft_classifier",
-            ft_classifier,
-            False,
-            False,
-            "refit a copy of the head on k unlabelled train samples/class by KL(p_finetuned || p_merged)",
-        ),
-        ProtocolInfo(
-            "linear_probe",
-            linear_probe,
-            False,
-            False,
-            "fresh linear head trained with cross-entropy on k labelled train samples/class",
-        ),
-        ProtocolInfo(
-            "ensemble", ensemble, False, True, "average of the T fine-tuned encoders' features → head"
-        ),
-        ProtocolInfo(
-            "surgery",
-            surgery,
-            True,
-            True,
-            "Representation Surgery adapter z - U relu(D z) fitted by L1 on unlabelled eval inputs",
-            dense=True,
-        ),
-    )
-    return {info.name: info for info in infos}
-
-
-def get_protocol(name: str) -> ProtocolInfo:
-    """The registry entry of ``name``; an unknown name lists the known ones."""
-    infos = protocol_infos()
-    if name not in infos:
-        raise ConfigError(f"unknown protocol '{name}'; choose one of: {', '.join(infos)}")
-    return infos[name]
-
-
-def run_protocol(
-    name: str, ctx: ProtocolContext, seed: int = 0, shots: int = 5, **options: Any
-) -> ProtocolOutcome:
-    """Run protocol ``name`` on ``ctx``; unknown protocol names or options raise ConfigError."""
-    return get_protocol(name).fn(ctx, seed=seed, shots=shots, **options)

@@ -253,12 +253,12 @@ def ft_classifier(
     eval_split = ctx.eval_features()
     transductive = sample_fraction is not None
     if transductive:
-        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.merged, finetuned, ctx.eval_split, PAIR)
+        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.evaluated, finetuned, ctx.eval_split, PAIR)
         index = fewshot.sample_fraction(
             len(merged_pool), sample_fraction, seed, what=f"task '{ctx.task}' {ctx.eval_split} split"
         )
     else:
-        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.merged, finetuned, "train", PAIR)
+        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.evaluated, finetuned, "train", PAIR)
         classes = head_logits(ctx.head, merged_pool.features[:1]).shape[1]
         what = f"task '{ctx.task}' train split"
         index = fewshot.sample_per_class(merged_pool.labels, shots, seed, num_classes=classes, what=what)

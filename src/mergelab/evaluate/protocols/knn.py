@@ -59,7 +59,7 @@ def knn(
     reject_unknown_options("knn", options, knn)
     positive("knn", "chunk_size", chunk_size, integer=True)
     split = ctx.eval_features()
-    train = ctx.merged.split("train")
+    train = ctx.evaluated.split("train")
     classes = num_classes(ctx.head, split.features)
     check_labels_fit(ctx.task, split, classes, ctx.eval_split)
     index = sample_per_class(

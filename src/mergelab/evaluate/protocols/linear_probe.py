@@ -75,7 +75,7 @@ def linear_probe(
             f"protocol 'linear_probe': option 'weight_decay' must be >= 0, got {weight_decay!r}"
         )
     split = ctx.eval_features()
-    train = ctx.merged.split("train")
+    train = ctx.evaluated.split("train")
     classes = num_classes(ctx.head, split.features)
     check_labels_fit(ctx.task, split, classes, ctx.eval_split)
     index = sample_per_class(

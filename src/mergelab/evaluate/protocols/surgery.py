@@ -98,7 +98,7 @@ def surgery(
     positive("surgery", "lr", lr)
     finetuned = ctx.require_finetuned("surgery")
     merged_split, finetuned_split = paired_split(
-        ctx.task, ctx.merged, finetuned, ctx.eval_split, "merged and fine-tuned"
+        ctx.task, ctx.evaluated, finetuned, ctx.eval_split, "merged and fine-tuned"
     )
     source, target = merged_split.features.float(), finetuned_split.features.float()
     index = torch.arange(len(source))
