@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluate.features import FeatureCache, cache_file, cache_key, extract_features
-from mergelab.models.fingerprint import checkpoint_fingerprint
+from mergelab.io.fingerprint import checkpoint_fingerprint
 from mergelab.models.hf import load_task_model
 from tests._hf_helpers import Split, Task, make_task, own_logits, tiny_classifier
 

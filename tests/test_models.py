@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from mergelab.core.errors import CheckpointError, ConfigError, DataError
-from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
+from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
 from mergelab.models.hf import (
     architecture,
     classifier_head_state,

@@ -11,7 +11,7 @@ from mergelab.evaluate.features import FeatureCache
 from mergelab.evaluate.protocols.common import ProtocolContext
 from mergelab.evaluate.protocols.registry import run_protocol
 from mergelab.finetune.experts import get_or_train_expert
-from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
+from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
 from mergelab.models.hf import load_encoder, load_task_model
 from mergelab.models.task_model import TaskModel
 from tests._text_helpers import make_task, tiny_classifier

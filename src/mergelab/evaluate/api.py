@@ -79,7 +79,7 @@ def evaluate(
     from mergelab.evaluate.features import FeatureCache
     from mergelab.evaluate.protocols.common import ProtocolContext
     from mergelab.evaluate.protocols.registry import get_protocol, protocol_infos, run_protocol
-    from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
+    from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
     from mergelab.models.hf import load_encoder, load_task_model
 
     missing = sorted(set(data) ^ set(finetuned))

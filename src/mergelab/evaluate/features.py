@@ -92,7 +92,7 @@ class FeatureCache:
                  max_length: int = 128, batch_size: int = 64, kind: str | None = None) -> TaskFeatures:  # fmt: skip
         """``TaskFeatures`` of ``encoder`` on ``splits`` of ``task`` (default: all its splits), cached on disk.
 
-        ``fingerprint`` is the encoder's content fingerprint (``mergelab.models.fingerprint``). ``encoder`` may be
+        ``fingerprint`` is the encoder's content fingerprint (``mergelab.io.fingerprint``). ``encoder`` may be
         a zero-argument callable that builds the encoder: it is called only if some split is not cached (a merged
         encoder is then not even merged on a warm run); pass ``kind`` (the feature, e.g. its pooling) with it.
         """

@@ -28,12 +28,13 @@ import torch
 
 from mergelab.core.errors import CheckpointError
 from mergelab.io.alignment import find_key_mapping
-from mergelab.io.reader import (
+from mergelab.io.fingerprint import checkpoint_fingerprint
+from mergelab.io.formats import (
     CheckpointReader,
     SafetensorsReader,
     StateDictReader,
     load_torch_weights,
-    open_checkpoint,
+    open_weights,
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -400,8 +401,6 @@ def same_checkpoint(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     if a == b or (a.is_file() and a.parent == b) or (b.is_file() and b.parent == a):
         return True
-    from mergelab.models.fingerprint import checkpoint_fingerprint
-
     try:
         return checkpoint_fingerprint(a) == checkpoint_fingerprint(b)
     except CheckpointError:
@@ -428,10 +427,10 @@ def resolve_base(folder: Path, config: Mapping[str, Any], base: Any = None) -> C
             )
         if is_adapter_folder(recorded):
             raise _stacked(folder, recorded)
-        return open_checkpoint(recorded)
+        return open_weights(recorded)
     if isinstance(base, (str, os.PathLike)) and is_adapter_folder(base):
         raise _stacked(folder, base)
-    reader = base if _is_reader(base) else open_checkpoint(base)
+    reader = base if _is_reader(base) else open_weights(base)
     if isinstance(reader, AdapterReader):
         raise _stacked(folder, reader.path)
     given = _location(reader)

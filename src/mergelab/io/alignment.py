@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.io.reader import CheckpointReader
+from mergelab.io.formats import CheckpointReader
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,61 @@
+"""The text task data types: one split's texts and labels, and a named task with its splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergelab.core.errors import DataError
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """Texts and integer labels (0..C-1) of one split."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise DataError(f"a split has {len(self.texts)} texts but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """A named task: splits (train and test required, validation optional), label names, provenance."""
+
+    name: str
+    splits: dict[str, TextSplit]
+    label_names: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for required in ("train", "test"):
+            if required not in self.splits:
+                raise DataError(f"task '{self.name}' has no {required} split; add a {required}.csv/.jsonl/.parquet file")
+        for split_name, split in self.splits.items():
+            if len(split) == 0:
+                raise DataError(f"task '{self.name}': the {split_name} split is empty")
+            bad = sorted({y for y in split.labels if not 0 <= y < len(self.label_names)})
+            if bad:
+                raise DataError(f"task '{self.name}': {split_name} labels {bad[:5]} are outside 0..{len(self.label_names) - 1}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def content_hash(self) -> str:
+        """sha256 over the label names and every split's texts and labels (a cache key for features)."""
+        digest = hashlib.sha256(json.dumps(self.label_names).encode())
+        for split_name in sorted(self.splits):
+            split = self.splits[split_name]
+            digest.update(split_name.encode())
+            for text, label in zip(split.texts, split.labels, strict=True):
+                digest.update(f"{label}\t{len(text)}\t".encode())
+                digest.update(text.encode())
+        return digest.hexdigest()
