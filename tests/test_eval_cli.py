@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-from transformers import AutoModel, AutoTokenizer
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from typer.testing import CliRunner
 
 import mergelab
@@ -59,7 +60,34 @@ def test_evaluate_api_is_deterministic_and_the_base_can_be_evaluated(tmp_path):
     kwargs = dict(protocols=["knn", "ft_classifier"], shots=[2], seeds=2, cache_dir=tmp_path / "c", progress=False)
     first = evaluate(bare, experts, tasks, **kwargs)  # the pretrained base as the evaluated encoder
     second = evaluate(bare, experts, tasks, **kwargs)
-    assert [r["accuracy"] for r in first] == [r["accuracy"] for r in second]
+    # 2 tasks × (knn + ft_classifier with both solvers) × 2 seeds × 1 shot count
+    assert len(first) == 2 * 3 * 2
+    assert {(r["task"], r["protocol"], r["seed"]) for r in first} == {
+        (t, p, s) for t in ("t0", "t1") for p in ("knn", "ft_classifier", "ft_classifier:converged") for s in (0, 1)
+    }
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in first)
+    assert [(r["task"], r["protocol"], r["seed"], r["accuracy"]) for r in first] == [
+        (r["task"], r["protocol"], r["seed"], r["accuracy"]) for r in second
+    ]
+    assert all(r["normalized_accuracy"] is not None for r in first)
+
+
+def test_eval_of_an_encoder_of_another_width_is_one_line(tmp_path):
+    bare, experts, tasks = _setup(tmp_path)
+    wide = tmp_path / "wide"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=AutoTokenizer.from_pretrained(bare).vocab_size, hidden_size=48,
+                         num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                         max_position_embeddings=64)).save_pretrained(wide)  # fmt: skip
+    AutoTokenizer.from_pretrained(bare).save_pretrained(wide)
+    result = runner.invoke(app, ["eval", "--merged", str(wide), "--finetuned", f"t0={experts['t0']}",
+                                 "--data", f"t0={tasks['t0']}", "--cache-dir", str(tmp_path / "c")])  # fmt: skip
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [
+        "error: task 't0': the evaluated encoder gives 48-wide features but the task's head takes 32; evaluate an "
+        "encoder of the fine-tuned models' architecture (hidden size 32)"
+    ], result.output
 
 
 def test_eval_cli_bad_inputs(tmp_path):

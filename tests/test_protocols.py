@@ -161,8 +161,17 @@ def test_current_drops_under_rotation_and_is_exact_argmax(toy: Toy, upper: float
 
 
 def test_current_uses_the_eval_split(toy: Toy):
-    out = run_protocol("current", toy.ctx(toy.finetuned, eval_split="validation"))
-    assert len(out.predictions) == len(toy.finetuned.split("validation"))
+    # the validation split with every label flipped: scoring it must use its own labels and features, not test's
+    val = toy.finetuned.split("validation")
+    flipped = SplitFeatures(val.features, (val.labels + 1) % C)
+    features = TaskFeatures("toy", {**toy.finetuned.splits, "validation": flipped})
+    on_val = run_protocol("current", toy.ctx(features, eval_split="validation"))
+    on_test = run_protocol("current", toy.ctx(features))
+    expected = toy.head(val.features).argmax(1)
+    assert torch.equal(on_val.predictions, expected)
+    assert on_val.accuracy == (expected == flipped.labels).sum().item() / len(flipped)
+    assert on_val.accuracy < 0.1 < 0.9 < on_test.accuracy
+    assert len(on_test.predictions) == len(toy.finetuned.split("test"))
 
 
 def test_knn_is_mean_distance_not_centroid_nor_vote():

@@ -17,3 +17,7 @@ class ConfigError(MergelabError):
 
 class DataError(MergelabError):
     """A task's data is missing, empty, or inconsistent (labels, splits, shot counts)."""
+
+
+class OutputError(MergelabError):
+    """An output (checkpoint, result or cache file) could not be written: a full disk, no permission."""

@@ -10,12 +10,22 @@ from typing import Any
 import torch
 
 from mergelab.core.errors import ConfigError
+from mergelab.core.paths import default_cache_dir
+from mergelab.data.tasks import load_task
+from mergelab.evaluate.features import FeatureCache
+from mergelab.evaluate.protocols.aligned import aligned_cells
+from mergelab.evaluate.protocols.common import ProtocolContext
+from mergelab.evaluate.protocols.registry import get_protocol, protocol_infos, run_protocol
+from mergelab.evaluate.types import TaskFeatures
+from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
+from mergelab.models.hf import load_encoder, load_task_model
+from mergelab.models.task_model import TaskModel
 
 PathLike = str | os.PathLike[str]
 DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
 
 
-def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int, transforms: Sequence[str],
+def expand_cells(protocols: Sequence[str], shots: Sequence[int], num_seeds: int, transforms: Sequence[str],
                  protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
                  ) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
     """(stored name, protocol, options, seed, shots) for every cell; single-cell protocols run once (Surgery
@@ -24,31 +34,55 @@ def expand_cells(protocols: Sequence[str], shots: Sequence[int], seeds: int, tra
     ``ft_classifier:converged`` (L-BFGS to convergence), unless ``protocol_options`` fix its ``solver``.
     Aligned runs each transform cross-fitted (``aligned:{t}``) and as its shuffled-pairs noise control
     (``aligned-control:{t}``); with ``fit: in_sample`` the names are ``aligned-insample[-control]:{t}``; a fixed
-    ``control`` option keeps only that cell."""
-    from mergelab.evaluate.protocols.registry import get_protocol
-
+    ``control`` option keeps only that cell. Seeds are 0 … ``num_seeds`` − 1."""
+    seeds = range(num_seeds)
     cells = []
     for protocol in protocols:
         info = get_protocol(protocol)
         if protocol == "aligned":  # per family: cross-fitted (or in-sample) fit and its shuffled-pairs control
-            from mergelab.evaluate.protocols.aligned import aligned_cells
-
             options = (protocol_options or {}).get(protocol, {})
             cells += [(stored, protocol, opts, 0, 0) for stored, opts in aligned_cells(transforms, options)]
         elif protocol == "surgery":  # on every eval input, and on k × C of them (FT-Classifier's count, Figure 7)
             cells.append((protocol, protocol, {}, 0, 0))
             if "samples" not in (protocol_options or {}).get(protocol, {}):
-                cells += [(protocol, protocol, {"samples_per_class": k}, seed, k) for seed in range(seeds) for k in shots]
+                cells += [(protocol, protocol, {"samples_per_class": k}, seed, k) for seed in seeds for k in shots]
         elif protocol == "ft_classifier":  # both solvers (reference schedule, converged), unless options fix one
             fixed = (protocol_options or {}).get(protocol, {}).get("solver")
             for solver in [fixed] if fixed else ["reference", "converged"]:
                 stored = protocol if solver == "reference" else f"{protocol}:{solver}"
-                cells += [(stored, protocol, {"solver": solver}, seed, k) for seed in range(seeds) for k in shots]
+                cells += [(stored, protocol, {"solver": solver}, seed, k) for seed in seeds for k in shots]
         elif info.single_cell:
             cells.append((protocol, protocol, {}, 0, 0))
         else:
-            cells += [(protocol, protocol, {}, seed, k) for seed in range(seeds) for k in shots]
+            cells += [(protocol, protocol, {}, seed, k) for seed in seeds for k in shots]
     return cells
+
+
+def check_inputs(finetuned: Mapping[str, Any], data: Mapping[str, Any], protocols: Sequence[str]) -> None:
+    """Every task has a fine-tuned model and data; every protocol exists."""
+    missing = sorted(set(data) ^ set(finetuned))
+    if missing:
+        raise ConfigError(f"every task needs both --finetuned and --data; unmatched: {', '.join(missing)}")
+    known = protocol_infos()
+    unknown = [p for p in protocols if p not in known]
+    if unknown:
+        raise ConfigError(f"unknown protocol(s) {unknown}; choose from {', '.join(known)}")
+
+
+def experts_pooling(experts: Mapping[str, TaskModel]) -> str | None:
+    """The feature the experts' heads read (their pooling); experts of mixed kinds are an error."""
+    poolings = {name: getattr(model.encoder, "pooling", None) for name, model in experts.items()}
+    if len(set(poolings.values())) > 1:
+        raise ConfigError(f"the fine-tuned models read different features {poolings}; evaluate one kind at a time")
+    return next(iter(poolings.values()))
+
+
+def evaluated_encoder(merged: PathLike | Mapping[str, torch.Tensor], reference: PathLike,
+                      pooling: str | None) -> tuple[Any, str]:  # fmt: skip
+    """The encoder to evaluate (a checkpoint or a state dict in the base layout) and its content fingerprint."""
+    if isinstance(merged, Mapping):
+        return load_encoder(dict(merged), reference, pooling=pooling), state_dict_fingerprint(dict(merged))
+    return load_encoder(merged, reference, pooling=pooling), checkpoint_fingerprint(merged)
 
 
 def evaluate(
@@ -74,56 +108,41 @@ def evaluate(
     seed, shots) with accuracy, normalised accuracy (÷ the fine-tuned model's own accuracy) and the transductive
     mark. Features are cached on disk: a second protocol, seed or shot count runs no encoder forward pass.
     """
-    from mergelab.core.paths import default_cache_dir
-    from mergelab.data.tasks import load_task
-    from mergelab.evaluate.features import FeatureCache
-    from mergelab.evaluate.protocols.common import ProtocolContext
-    from mergelab.evaluate.protocols.registry import get_protocol, protocol_infos, run_protocol
-    from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
-    from mergelab.models.hf import load_encoder, load_task_model
-
-    missing = sorted(set(data) ^ set(finetuned))
-    if missing:
-        raise ConfigError(f"every task needs both --finetuned and --data; unmatched: {', '.join(missing)}")
-    known = protocol_infos()
-    unknown = [p for p in protocols if p not in known]
-    if unknown:
-        raise ConfigError(f"unknown protocol(s) {unknown}; choose from {', '.join(known)}")
+    check_inputs(finetuned, data, protocols)
     cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress)
     tasks = {name: load_task(name, path) for name, path in data.items()}
     experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
     expert_fp = {name: checkpoint_fingerprint(path) for name, path in finetuned.items()}
-    first = next(iter(finetuned.values()))
-    poolings = {name: getattr(model.encoder, "pooling", None) for name, model in experts.items()}
-    if len(set(poolings.values())) > 1:
-        raise ConfigError(f"the fine-tuned models read different features {poolings}; evaluate one kind at a time")
-    pooling = next(iter(poolings.values()))  # the merged encoder feeds the experts' heads their own feature
-    if isinstance(merged, Mapping):
-        encoder = load_encoder(dict(merged), first, pooling=pooling)
-        merged_fp = state_dict_fingerprint(dict(merged))
-    else:
-        encoder, merged_fp = load_encoder(merged, first, pooling=pooling), checkpoint_fingerprint(merged)
+    encoder, merged_fp = evaluated_encoder(merged, next(iter(finetuned.values())), experts_pooling(experts))
 
-    def feats(enc: torch.nn.Module, fp: str, task: Any) -> Any:
+    def feats(enc: torch.nn.Module, fp: str, task: Any) -> TaskFeatures:
         splits = tuple(s for s in ("train", "validation", "test") if s in task.splits)
         return cache.features(enc, fp, task, splits=splits, max_length=max_length, batch_size=batch_size)
 
-    rows = []
     cells = expand_cells(protocols, shots, seeds, transforms, protocol_options)
+    rows = []
     for name, task in tasks.items():
         ft = feats(experts[name].encoder, expert_fp[name], task)
-        mg = feats(encoder, merged_fp, task)
         ens = []
         if "ensemble" in protocols:
             ens = [ft if other == name else feats(experts[other].encoder, expert_fp[other], task) for other in tasks]
-        reference = run_protocol("current", ProtocolContext(name, ft, experts[name].head, ft)).accuracy
-        context = ProtocolContext(name, mg, experts[name].head, ft, ens)
-        for stored, protocol, options, seed, k in cells:
-            merged_options = {**(protocol_options or {}).get(protocol, {}), **options}
-            result = run_protocol(protocol, context, seed=seed, shots=k, **merged_options)
-            rows.append({
-                "model": model_name, "protocol": stored, "task": name, "seed": seed, "shots": k,
-                "accuracy": result.accuracy, "normalized_accuracy": result.accuracy / reference if reference else None,
-                "transductive": result.transductive or get_protocol(protocol).transductive, "extras": result.extras,
-            })  # fmt: skip
+        context = ProtocolContext(name, feats(encoder, merged_fp, task), experts[name].head, ft, ens)
+        rows += task_rows(context, cells, protocol_options, model_name)
+    return rows
+
+
+def task_rows(context: ProtocolContext, cells: Sequence[tuple[str, str, dict[str, Any], int, int]],
+              protocol_options: Mapping[str, Mapping[str, Any]] | None, model_name: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Every cell of one task: accuracy, accuracy ÷ the fine-tuned model's own, the transductive mark."""
+    finetuned = context.require_finetuned("current")
+    reference = run_protocol("current", ProtocolContext(context.task, finetuned, context.head, finetuned)).accuracy
+    rows = []
+    for stored, protocol, options, seed, k in cells:
+        merged_options = {**(protocol_options or {}).get(protocol, {}), **options}
+        result = run_protocol(protocol, context, seed=seed, shots=k, **merged_options)
+        rows.append({
+            "model": model_name, "protocol": stored, "task": context.task, "seed": seed, "shots": k,
+            "accuracy": result.accuracy, "normalized_accuracy": result.accuracy / reference if reference else None,
+            "transductive": result.transductive or get_protocol(protocol).transductive, "extras": result.extras,
+        })  # fmt: skip
     return rows

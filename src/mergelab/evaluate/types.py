@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mergelab.core.errors import DataError
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -34,10 +36,13 @@ class TaskFeatures:
     task: str
     splits: dict[str, SplitFeatures] = field(default_factory=dict)
 
+    @property
+    def width(self) -> int | None:
+        """The feature width d (None when no split is present)."""
+        return next((int(s.features.shape[1]) for s in self.splits.values()), None)
+
     def split(self, name: str) -> SplitFeatures:
         if name not in self.splits:
-            from mergelab.core.errors import DataError
-
             raise DataError(
                 f"task '{self.task}' has no '{name}' split (has: {', '.join(sorted(self.splits))}); "
                 f"add a {name} file to the task's data folder"

@@ -8,6 +8,7 @@ been written; on any error or interrupt the temporary folder is removed and the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.core.errors import CheckpointError
+from mergelab.core.errors import CheckpointError, OutputError
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -188,15 +189,27 @@ def check_target(out: Path, force: bool) -> None:
         raise CheckpointError(f"output {out} already exists; choose another path or pass --force to replace it")
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def output_error(exc: OSError, target: Path) -> OutputError:
+    """A one-line error for an OSError raised while writing ``target`` (its temporary files already removed)."""
+    if exc.errno in _NO_SPACE:
+        return OutputError(f"no space left on the disk of {target.parent} while writing {target}; nothing was "
+                           "written: free some space or choose an output on a disk with room")  # fmt: skip
+    reason = exc.strerror or str(exc)
+    return OutputError(f"cannot write {target} ({reason}); nothing was written: check the folder's permissions "
+                       "and free space, or choose another output")  # fmt: skip
+
+
 @contextmanager
 def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; rename it onto ``out`` only if the block completes."""
     out = Path(out)
     check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        tmp.mkdir(parents=True)
         yield tmp
         if out.exists():
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -205,6 +218,9 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise output_error(exc, out) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -213,11 +229,14 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file via a temporary file and rename, so a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise output_error(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

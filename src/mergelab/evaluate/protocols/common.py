@@ -1,4 +1,4 @@
-"""What every protocol sees and returns, shared helpers, and the protocol registry.
+"""What every protocol sees and returns, and the helpers the protocols share (the list of protocols: ``registry``).
 
 A protocol is a pure function ``fn(ctx, *, seed, shots, **options) -> ProtocolOutcome`` of cached features and
 the task's fine-tuned head. Heads are never modified: protocols that train start from ``copy.deepcopy(head)``,
@@ -42,6 +42,18 @@ class ProtocolContext:
     ensemble_features: list[TaskFeatures] = field(default_factory=list)
     eval_split: str = "test"
 
+    def __post_init__(self) -> None:
+        expected = head_input_width(self.head)
+        sources = [("evaluated", self.evaluated), ("fine-tuned", self.finetuned), *(
+            (f"ensemble member {i}", f) for i, f in enumerate(self.ensemble_features))]
+        for what, features in sources:
+            width = None if features is None else features.width
+            if expected is not None and width is not None and width != expected:
+                raise DataError(
+                    f"task '{self.task}': the {what} encoder gives {width}-wide features but the task's head takes "
+                    f"{expected}; evaluate an encoder of the fine-tuned models' architecture (hidden size {expected})"
+                )
+
     def eval_features(self) -> SplitFeatures:
         return self.evaluated.split(self.eval_split)
 
@@ -66,6 +78,12 @@ class ProtocolOutcome:
 
 # ------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def head_input_width(head: nn.Module) -> int | None:
+    """The feature width a head takes: its first Linear layer's ``in_features`` (None for other heads)."""
+    first = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
+    return None if first is None else int(first.in_features)
 
 
 @contextmanager
