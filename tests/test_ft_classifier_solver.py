@@ -186,7 +186,7 @@ def test_converged_solver_on_a_non_linear_head():
 
 
 def test_cells_run_both_solvers_unless_one_is_fixed():
-    cells = expand_cells(["ft_classifier", "current"], shots=[1, 5], seeds=2, transforms=[])
+    cells = expand_cells(["ft_classifier", "current"], shots=[1, 5], num_seeds=2, transforms=[])
     ft = [
         (name, options["solver"], seed, k) for name, protocol, options, seed, k in cells if protocol == "ft_classifier"
     ]
@@ -196,11 +196,11 @@ def test_cells_run_both_solvers_unless_one_is_fixed():
     assert [c for c in ft if c[0] != "ft_classifier"] == [
         ("ft_classifier:converged", "converged", s, k) for s in range(2) for k in (1, 5)
     ]
-    fixed = expand_cells(["ft_classifier"], shots=[5], seeds=1, transforms=[],
+    fixed = expand_cells(["ft_classifier"], shots=[5], num_seeds=1, transforms=[],
                          protocol_options={"ft_classifier": {"solver": "converged"}})  # fmt: skip
     assert [(name, options) for name, _, options, _, _ in fixed] == [
         ("ft_classifier:converged", {"solver": "converged"})
     ]
-    reference = expand_cells(["ft_classifier"], shots=[5], seeds=1, transforms=[],
+    reference = expand_cells(["ft_classifier"], shots=[5], num_seeds=1, transforms=[],
                              protocol_options={"ft_classifier": {"solver": "reference", "epochs": 2}})  # fmt: skip
     assert [name for name, *_ in reference] == ["ft_classifier"]

@@ -447,11 +447,11 @@ def test_surgery_reduces_l1_and_improves_accuracy(toy: Toy, lower: float):
 def test_surgery_cells_cover_every_input_and_each_shot_count():
     from mergelab.evaluate.api import expand_cells
 
-    cells = expand_cells(["surgery", "current"], shots=[1, 5], seeds=2, transforms=[])
+    cells = expand_cells(["surgery", "current"], shots=[1, 5], num_seeds=2, transforms=[])
     surgery = [(seed, k, options) for name, _, options, seed, k in cells if name == "surgery"]
     assert surgery == [(0, 0, {}), (0, 1, {"samples_per_class": 1}), (0, 5, {"samples_per_class": 5}),
                        (1, 1, {"samples_per_class": 1}), (1, 5, {"samples_per_class": 5})]  # fmt: skip
-    fixed = expand_cells(["surgery"], shots=[1, 5], seeds=2, transforms=[], protocol_options={"surgery": {"samples": 9}})
+    fixed = expand_cells(["surgery"], shots=[1, 5], num_seeds=2, transforms=[], protocol_options={"surgery": {"samples": 9}})
     assert [(seed, k) for _, _, _, seed, k in fixed] == [(0, 0)]  # a fixed sample count: one cell
 
 

@@ -191,50 +191,56 @@ class AdapterReader:
         for module, parts in factors.items():
             updates += self._module_updates(module, parts)
 
-        touched = [n for n, _, _ in updates] + list(full)
-        mapping = find_key_mapping(self.base.keys(), touched)
+        mapping = find_key_mapping(self.base.keys(), [n for n, _, _ in updates] + list(full))
         base_keys = set(self.base.keys())
         for name, update, shape in updates:
-            target = mapping.to_reference(name)
-            if target is None or target not in base_keys:
+            target = mapping.to_reference(name) or name
+            if target not in base_keys:
                 raise CheckpointError(
                     f"LoRA adapter {self.path} adapts module '{update.module}' but base {self.base.path} has no tensor "
-                    f"'{target or name}' (key mapping: {mapping.describe()}); the adapter was trained on a different "
+                    f"'{target}' (key mapping: {mapping.describe()}); the adapter was trained on a different "
                     "model — pass its own base with --base (base= in Python)"
                 )
-            base_shape = tuple(self.base.shape(target))
-            if base_shape != shape:
-                hint = ""
-                if not update.bias and len(shape) == 2 and base_shape == shape[::-1]:
-                    hint = f" (the transposed update fits: set fan_in_fan_out to {not update.transpose} in {ADAPTER_CONFIG})"
-                raise CheckpointError(
-                    f"LoRA adapter {self.path}: tensor '{target}' has shape {list(base_shape)} in base {self.base.path} "
-                    f"but the adapter's update for module '{update.module}' has shape {list(shape)}{hint}; the adapter "
-                    "was trained on a different base — pass its own base with --base (base= in Python)"
-                )
-            if not self.base.dtype(target).is_floating_point:
-                raise CheckpointError(
-                    f"LoRA adapter {self.path} adapts '{target}', which is not floating point in {self.base.path}"
-                )
-            self._updates.setdefault(target, []).append(update)
+            self._place_update(target, update, shape)
         for name, key in full.items():
-            target = mapping.to_reference(name)
-            if target is None or target not in base_keys:
-                extra = target or name
-                if extra in base_keys or extra in self._extra:
-                    raise CheckpointError(
-                        f"LoRA adapter {self.path}: saved tensor '{key}' cannot be placed in the base's layout"
-                    )
-                self._extra[extra] = key
-                continue
-            base_shape, shape = tuple(self.base.shape(target)), tuple(self.adapter.shape(key))
-            if base_shape != shape:
+            self._place_full(mapping.to_reference(name), name, key, base_keys)
+
+    def _place_update(self, target: str, update: LoraUpdate, shape: tuple[int, ...]) -> None:
+        """Check one LoRA update against the base tensor ``target`` it changes, then record it."""
+        base_shape = tuple(self.base.shape(target))
+        if base_shape != shape:
+            hint = ""
+            if not update.bias and len(shape) == 2 and base_shape == shape[::-1]:
+                hint = f" (the transposed update fits: set fan_in_fan_out to {not update.transpose} in {ADAPTER_CONFIG})"
+            raise CheckpointError(
+                f"LoRA adapter {self.path}: tensor '{target}' has shape {list(base_shape)} in base {self.base.path} "
+                f"but the adapter's update for module '{update.module}' has shape {list(shape)}{hint}; the adapter "
+                "was trained on a different base — pass its own base with --base (base= in Python)"
+            )
+        if not self.base.dtype(target).is_floating_point:
+            raise CheckpointError(
+                f"LoRA adapter {self.path} adapts '{target}', which is not floating point in {self.base.path}"
+            )
+        self._updates.setdefault(target, []).append(update)
+
+    def _place_full(self, target: str | None, name: str, key: str, base_keys: set[str]) -> None:
+        """A saved full tensor (modules_to_save) replaces its base tensor, or is an extra tensor of the output."""
+        if target is None or target not in base_keys:
+            extra = target or name
+            if extra in base_keys or extra in self._extra:
                 raise CheckpointError(
-                    f"LoRA adapter {self.path}: saved tensor '{key}' (modules_to_save) has shape {list(shape)} but "
-                    f"'{target}' has shape {list(base_shape)} in base {self.base.path}; the adapter was trained on a "
-                    "different base (or resized it) — pass its own base with --base (base= in Python)"
+                    f"LoRA adapter {self.path}: saved tensor '{key}' cannot be placed in the base's layout"
                 )
-            self._replaced[target] = key
+            self._extra[extra] = key
+            return
+        base_shape, shape = tuple(self.base.shape(target)), tuple(self.adapter.shape(key))
+        if base_shape != shape:
+            raise CheckpointError(
+                f"LoRA adapter {self.path}: saved tensor '{key}' (modules_to_save) has shape {list(shape)} but "
+                f"'{target}' has shape {list(base_shape)} in base {self.base.path}; the adapter was trained on a "
+                "different base (or resized it) — pass its own base with --base (base= in Python)"
+            )
+        self._replaced[target] = key
 
     def _module_updates(self, module: str, parts: dict[str, str]) -> list[tuple[str, LoraUpdate, tuple[int, ...]]]:
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts

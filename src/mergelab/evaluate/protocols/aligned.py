@@ -451,22 +451,9 @@ def _check_number(name: str, value: Any, low: float, high: float | None = None) 
         raise ConfigError(f"protocol 'aligned': option '{name}' must be {what}, got {value!r}")
 
 
-def fit_transform(
-    source: torch.Tensor,
-    target: torch.Tensor,
-    family: str,
-    *,
-    seed: int = 0,
-    solver: str = "fast",
-    steps: int | None = None,
-    lr: float = 1e-2,
-    alpha: float | None = None,
-    alpha_warmup: float | None = None,
-    init: str | None = None,
-    center: bool = False,
-) -> tuple[FittedTransform, dict[str, Any]]:
-    """Fit G of ``family`` mapping ``source`` [N, d] onto ``target`` [N, d]; returns G and fit diagnostics
-    (``final_loss``: the objective on these pairs; ``fit_l1``: its L1 data term; solver facts)."""
+def check_fit_options(source: torch.Tensor, target: torch.Tensor, family: str, solver: str, steps: int | None,
+                      lr: float, alpha: float | None, alpha_warmup: float | None, init: str | None) -> None:  # fmt: skip
+    """Every option of one aligned fit is known, in range, and meaningful for the family and solver."""
     if family not in TRANSFORMS:
         raise ConfigError(f"unknown aligned transform '{family}'; choose one of: {', '.join(TRANSFORMS)}")
     if solver not in SOLVERS:
@@ -500,9 +487,12 @@ def fit_transform(
             f"protocol 'aligned': the fast {family} solver starts on the orthogonal group; init must be one of "
             f"{', '.join(ORTHOGONAL_INITS)}, got {init!r}"
         )
-    alpha_value = DEFAULT_ALPHA if alpha is None else float(alpha)
-    source, target = source.float(), target.float()
-    info: dict[str, Any] = {"solver": solver}
+
+
+def _solve(source: torch.Tensor, target: torch.Tensor, family: str, info: dict[str, Any], *, seed: int, solver: str,
+           steps: int | None, lr: float, alpha: float, alpha_warmup: float | None, init: str | None,
+           center: bool) -> FittedTransform:  # fmt: skip
+    """The map of ``family`` fitted by ``solver`` (options already checked); solver facts go into ``info``."""
     if family == "procrustes":
         fitted = procrustes(source, target, center=center)
     elif solver == "adam":
@@ -513,7 +503,7 @@ def fit_transform(
             seed=seed,
             steps=DEFAULT_STEPS.get(family, 200) if steps is None else steps,
             lr=lr,
-            alpha=alpha_value,
+            alpha=alpha,
             alpha_warmup=DEFAULT_ALPHA_WARMUP if alpha_warmup is None else float(alpha_warmup),
             init=init or DEFAULT_INIT.get(family, "ridge"),
         )
@@ -537,10 +527,35 @@ def fit_transform(
             if completed is None:
                 fitted = _adam_fit(
                     source, target, family, seed=seed, steps=DEFAULT_STEPS.get(family, 200), lr=lr,
-                    alpha=alpha_value, alpha_warmup=DEFAULT_ALPHA_WARMUP, init="ridge",
+                    alpha=alpha, alpha_warmup=DEFAULT_ALPHA_WARMUP, init="ridge",
                 )  # fmt: skip
             else:
                 fitted = completed
+    return fitted
+
+
+def fit_transform(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    family: str,
+    *,
+    seed: int = 0,
+    solver: str = "fast",
+    steps: int | None = None,
+    lr: float = 1e-2,
+    alpha: float | None = None,
+    alpha_warmup: float | None = None,
+    init: str | None = None,
+    center: bool = False,
+) -> tuple[FittedTransform, dict[str, Any]]:
+    """Fit G of ``family`` mapping ``source`` [N, d] onto ``target`` [N, d]; returns G and fit diagnostics
+    (``final_loss``: the objective on these pairs; ``fit_l1``: its L1 data term; solver facts)."""
+    check_fit_options(source, target, family, solver, steps, lr, alpha, alpha_warmup, init)
+    alpha_value = DEFAULT_ALPHA if alpha is None else float(alpha)
+    source, target = source.float(), target.float()
+    info: dict[str, Any] = {"solver": solver}
+    fitted = _solve(source, target, family, info, seed=seed, solver=solver, steps=steps, lr=lr, alpha=alpha_value,
+                    alpha_warmup=alpha_warmup, init=init, center=center)  # fmt: skip
     info["final_loss"], info["fit_l1"] = objective(fitted, source, target, family, alpha_value)
     return fitted, info
 
@@ -570,6 +585,63 @@ def _fit_facts(fitted: FittedTransform, info: dict[str, Any]) -> dict[str, Any]:
         **info,
         **orthogonality_deviation(matrix),
         "log_abs_det": float(torch.linalg.slogdet(matrix).logabsdet),
+    }
+
+
+def fit_and_map(source: torch.Tensor, target: torch.Tensor, transform: str, fit: str, seed: int,
+                settings: dict[str, Any]) -> tuple[torch.Tensor, list[dict[str, Any]], list[torch.Tensor] | None]:  # fmt: skip
+    """Every item's source row mapped by a fitted G: cross-fitted (each half by the map fitted on the other half)
+    or in-sample (all items by the map fitted on them all); with each fit's facts and the halves (None in-sample)."""
+    n = len(source)
+
+    def one_fit(index: torch.Tensor) -> tuple[FittedTransform, dict[str, Any]]:
+        fitted, info = fit_transform(source[index], target[index], transform, seed=seed, **settings)
+        return fitted, _fit_facts(fitted, info)
+
+    fits: list[dict[str, Any]] = []
+    if fit != "cross":
+        fitted, facts = one_fit(torch.arange(n))  # in-sample: score the very pairs it was fitted on
+        with torch.no_grad():
+            mapped = fitted(source)
+        fits.append({"fit_on": "all", "n_fit": n, **facts})
+        return mapped, fits, None
+    mapped = torch.empty_like(target)
+    parts = list(halves(n, seed))
+    for h, (fit_on, score_on) in enumerate(((parts[0], parts[1]), (parts[1], parts[0]))):
+        fitted, facts = one_fit(fit_on)
+        with torch.no_grad():
+            mapped[score_on] = fitted(source[score_on])
+        fits.append({"fit_on": f"half {h}", "n_fit": len(fit_on), **facts})
+    return mapped, fits, parts
+
+
+def score_facts(correct: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, classes: int,
+                parts: list[torch.Tensor] | None) -> dict[str, Any]:  # fmt: skip
+    """Items scored, per-half accuracy (half h scored by the map fitted on the other half) and three chance
+    levels: independent (Σ_c p_c q_c of labels and predictions), majority and uniform."""
+    n = len(labels)
+    counts = torch.bincount(labels.cpu().long(), minlength=classes)
+    predicted = torch.bincount(predictions.long(), minlength=classes)
+    return {
+        "n_scored": n,
+        "halves": [len(p) for p in parts] if parts is not None else None,
+        "half_accuracy": [float(correct[p].float().mean()) for p in parts] if parts is not None else None,
+        "chance_independent": float((counts.double() * predicted.double()).sum()) / (n * n),
+        "chance_majority": float(counts.max()) / n,
+        "chance_uniform": 1.0 / classes,
+    }
+
+
+def fit_summary(fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fits' objective values and how far their matrices are from orthogonal (worst over fits)."""
+    return {
+        "final_loss": sum(f["final_loss"] for f in fits) / len(fits),
+        "fit_losses": [f["final_loss"] for f in fits],
+        "fit_l1": [f["fit_l1"] for f in fits],
+        "orth_dev_max": max(f["orth_dev_max"] for f in fits),
+        "orth_dev_fro": max(f["orth_dev_fro"] for f in fits),
+        "log_abs_det": min(f["log_abs_det"] for f in fits),
+        "fits": fits,
     }
 
 
@@ -612,59 +684,18 @@ def aligned(
     settings = dict(solver=solver, steps=steps, lr=lr, alpha=alpha, alpha_warmup=alpha_warmup, init=init,
                     center=center)  # fmt: skip
 
-    def one_fit(index: torch.Tensor) -> tuple[FittedTransform, dict[str, Any]]:
-        """Fit on the items ``index``."""
-        fitted, info = fit_transform(source[index], target[index], transform, seed=seed, **settings)
-        return fitted, _fit_facts(fitted, info)
-
-    mapped = torch.empty_like(target)
-    fits: list[dict[str, Any]] = []
-    half_accuracy: list[float] = []
-    if fit == "cross":
-        parts = halves(n, seed)
-        for h, (fit_on, score_on) in enumerate(((parts[0], parts[1]), (parts[1], parts[0]))):
-            fitted, facts = one_fit(fit_on)
-            with torch.no_grad():
-                mapped[score_on] = fitted(source[score_on])
-            fits.append({"fit_on": f"half {h}", "n_fit": len(fit_on), **facts})
-    else:
-        fitted, facts = one_fit(torch.arange(n))  # in-sample: score the very pairs it was fitted on
-        with torch.no_grad():
-            mapped = fitted(source)
-        fits.append({"fit_on": "all", "n_fit": n, **facts})
+    mapped, fits, parts = fit_and_map(source, target, transform, fit, seed, settings)
     logits = head_logits(ctx.head, mapped)
-    classes = logits.shape[1]
-    check_labels_fit(ctx.task, merged_split, classes, ctx.eval_split)
+    check_labels_fit(ctx.task, merged_split, logits.shape[1], ctx.eval_split)
     predictions = logits.argmax(dim=1).cpu()
     correct = predictions == labels.cpu()
-    if fit == "cross":
-        # half h's items are scored by the map fitted on the other half
-        half_accuracy = [float(correct[p].float().mean()) for p in parts]
-    counts = torch.bincount(labels.cpu().long(), minlength=classes)
-    predicted = torch.bincount(predictions.long(), minlength=classes)
     with torch.no_grad():
-        extras: dict[str, Any] = {
-            "transform": transform,
-            "fit": fit,
-            "control": control,
-            "solver": solver,
-            "n_scored": n,
-            "halves": [len(p) for p in parts] if fit == "cross" else None,
-            "half_accuracy": half_accuracy or None,
-            "chance_independent": float((counts.double() * predicted.double()).sum()) / (n * n),
-            "chance_majority": float(counts.max()) / n,
-            "chance_uniform": 1.0 / classes,
-            "l1_before": float((source - target).abs().mean()),
-            # cross: held-out (each item mapped by the map that did not see it); in-sample: on the fitted pairs
-            "l1_after": float((mapped - target).abs().mean()),
-            "final_loss": sum(f["final_loss"] for f in fits) / len(fits),
-            "fit_losses": [f["final_loss"] for f in fits],
-            "fit_l1": [f["fit_l1"] for f in fits],
-            "orth_dev_max": max(f["orth_dev_max"] for f in fits),
-            "orth_dev_fro": max(f["orth_dev_fro"] for f in fits),
-            "log_abs_det": min(f["log_abs_det"] for f in fits),
-            "fits": fits,
-        }
+        extras = {"transform": transform, "fit": fit, "control": control, "solver": solver,
+                  **score_facts(correct, labels, predictions, logits.shape[1], parts),
+                  "l1_before": float((source - target).abs().mean()),
+                  # cross: held-out (each item mapped by the map that did not see it); in-sample: on the fitted pairs
+                  "l1_after": float((mapped - target).abs().mean()),
+                  **fit_summary(fits)}  # fmt: skip
     if control == "shuffled":
         extras["control_gap"] = int(correct.sum()) / n - extras["chance_independent"]
     return outcome(logits, labels, transductive=True, **extras)

@@ -43,6 +43,7 @@ scored rounded to the features' dtype — so the two solvers compare directly), 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -132,6 +133,30 @@ def full_batch_kl(head: torch.nn.Module, features: torch.Tensor, teacher_logits:
     return float(kl_teacher_student(logits, teacher_logits.to(device=logits.device, dtype=torch.float64)))
 
 
+def _lbfgs(params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], tolerance: float, max_iter: int,
+           history_size: int) -> dict[str, Any]:  # fmt: skip
+    """Run full-batch strong-Wolfe L-BFGS on ``loss_fn`` over ``params``; returns the optimiser's state."""
+    optimiser = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=4 * max_iter,
+        tolerance_grad=tolerance,
+        tolerance_change=CONVERGED_CHANGE,
+        history_size=history_size,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad(set_to_none=False)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return optimiser.state[params[0]]
+
+
 def solve_head(
     head: torch.nn.Module,
     student_features: torch.Tensor,
@@ -164,25 +189,8 @@ def solve_head(
 
     with torch.enable_grad():
         initial, _, _ = gradient()
-        optimiser = torch.optim.LBFGS(
-            params,
-            lr=1.0,
-            max_iter=max_iter,
-            max_eval=4 * max_iter,
-            tolerance_grad=tolerance,
-            tolerance_change=CONVERGED_CHANGE,
-            history_size=history_size,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> torch.Tensor:
-            optimiser.zero_grad(set_to_none=False)
-            loss = kl_teacher_student(student(features), teacher)
-            loss.backward()
-            return loss
-
-        optimiser.step(closure)
-        state = optimiser.state[params[0]]
+        state = _lbfgs(params, lambda: kl_teacher_student(student(features), teacher), tolerance, max_iter,
+                       history_size)  # fmt: skip
         final, grad_max, grad_norm = gradient()
     for param in params:
         param.grad = None
@@ -216,6 +224,42 @@ def reference_steps(count: int, epochs: int, batch_size: int, full_batch: bool, 
     return epochs * math.ceil(count / batch_size)
 
 
+def check_options(solver: str, tolerance: float, max_iter: int, head_dropout: bool, lr: float, epochs: int,
+                  batch_size: int, steps: int | None) -> None:  # fmt: skip
+    """The solver is known and every number of the reference schedule and of the converged solve is positive."""
+    if solver not in SOLVERS:
+        raise ConfigError(f"protocol 'ft_classifier': option 'solver' must be one of {', '.join(SOLVERS)}; "
+                          f"got {solver!r}")  # fmt: skip
+    positive("ft_classifier", "tolerance", tolerance)
+    positive("ft_classifier", "max_iter", max_iter, integer=True)
+    if solver == "converged" and head_dropout:
+        raise ConfigError("protocol 'ft_classifier': solver 'converged' needs a deterministic objective; "
+                          "drop head_dropout or use solver 'reference'")  # fmt: skip
+    positive("ft_classifier", "lr", lr)
+    positive("ft_classifier", "epochs", epochs, integer=True)
+    positive("ft_classifier", "batch_size", batch_size, integer=True)
+    if steps is not None:
+        positive("ft_classifier", "steps", steps, integer=True)
+
+
+def refit_set(ctx: ProtocolContext, shots: int, seed: int,
+              sample_fraction: float | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The refit's inputs (evaluated features) and teacher logits (the head on the fine-tuned features): ``shots``
+    train items per class, or a ``sample_fraction`` of the eval split (transductive), drawn with ``seed``."""
+    finetuned = ctx.require_finetuned("ft_classifier")
+    if sample_fraction is not None:
+        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.evaluated, finetuned, ctx.eval_split, PAIR)
+        index = fewshot.sample_fraction(
+            len(merged_pool), sample_fraction, seed, what=f"task '{ctx.task}' {ctx.eval_split} split"
+        )
+    else:
+        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.evaluated, finetuned, "train", PAIR)
+        classes = head_logits(ctx.head, merged_pool.features[:1]).shape[1]
+        what = f"task '{ctx.task}' train split"
+        index = fewshot.sample_per_class(merged_pool.labels, shots, seed, num_classes=classes, what=what)
+    return merged_pool.features[index], head_logits(ctx.head, finetuned_pool.features[index])
+
+
 def ft_classifier(
     ctx: ProtocolContext,
     *,
@@ -236,39 +280,16 @@ def ft_classifier(
     """FT-Classifier Eval: ``shots`` unlabelled train inputs per class drawn with ``seed`` (module doc);
     ``solver="converged"`` solves the head refit by L-BFGS instead of running the reference schedule."""
     reject_unknown_options("ft_classifier", options, ft_classifier)
-    if solver not in SOLVERS:
-        raise ConfigError(f"protocol 'ft_classifier': option 'solver' must be one of {', '.join(SOLVERS)}; "
-                          f"got {solver!r}")  # fmt: skip
-    positive("ft_classifier", "tolerance", tolerance)
-    positive("ft_classifier", "max_iter", max_iter, integer=True)
-    if solver == "converged" and head_dropout:
-        raise ConfigError("protocol 'ft_classifier': solver 'converged' needs a deterministic objective; "
-                          "drop head_dropout or use solver 'reference'")  # fmt: skip
-    positive("ft_classifier", "lr", lr)
-    positive("ft_classifier", "epochs", epochs, integer=True)
-    positive("ft_classifier", "batch_size", batch_size, integer=True)
-    if steps is not None:
-        positive("ft_classifier", "steps", steps, integer=True)
-    finetuned = ctx.require_finetuned("ft_classifier")
+    check_options(solver, tolerance, max_iter, head_dropout, lr, epochs, batch_size, steps)
     eval_split = ctx.eval_features()
     transductive = sample_fraction is not None
-    if transductive:
-        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.evaluated, finetuned, ctx.eval_split, PAIR)
-        index = fewshot.sample_fraction(
-            len(merged_pool), sample_fraction, seed, what=f"task '{ctx.task}' {ctx.eval_split} split"
-        )
-    else:
-        merged_pool, finetuned_pool = paired_split(ctx.task, ctx.evaluated, finetuned, "train", PAIR)
-        classes = head_logits(ctx.head, merged_pool.features[:1]).shape[1]
-        what = f"task '{ctx.task}' train split"
-        index = fewshot.sample_per_class(merged_pool.labels, shots, seed, num_classes=classes, what=what)
-    teacher = head_logits(ctx.head, finetuned_pool.features[index])
-    inputs = merged_pool.features[index]
+    inputs, teacher = refit_set(ctx, shots, seed, sample_fraction)
+    count = len(inputs)
     if solver == "converged":
         student, info = solve_head(ctx.head, inputs, teacher, tolerance=tolerance, max_iter=max_iter)
         logits = head_logits(student, eval_split.features)
         check_labels_fit(ctx.task, eval_split, logits.shape[1], ctx.eval_split)
-        return outcome(logits, eval_split.labels, transductive, samples=len(index), train_loss=info["final_kl"],
+        return outcome(logits, eval_split.labels, transductive, samples=count, train_loss=info["final_kl"],
                        solver=solver, **info)  # fmt: skip
     student, losses = refit_head(
         ctx.head,
@@ -288,11 +309,11 @@ def ft_classifier(
         logits,
         eval_split.labels,
         transductive,
-        samples=len(index),
+        samples=count,
         train_loss=losses[-1],
         losses=losses,
         solver=solver,
         initial_kl=full_batch_kl(ctx.head, inputs, teacher),
         final_kl=full_batch_kl(student, inputs, teacher),
-        iterations=reference_steps(len(index), epochs, batch_size, full_batch, steps),
+        iterations=reference_steps(count, epochs, batch_size, full_batch, steps),
     )
