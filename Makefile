@@ -23,6 +23,7 @@ env: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 demo: $(BIN)/.installed
@@ -43,4 +44,4 @@ bench: $(BIN)/.installed
 # PLeaS vision benchmark: needs Debian's Fashion-MNIST package (installed here if missing, as root).
 vision: $(BIN)/.installed
 	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || apt-get install -y dataset-fashion-mnist
-	$(BIN)/mergelab vision-bench --out runs/vision
+	$(BIN)/mergelab bench pleas --out runs/vision

@@ -24,7 +24,7 @@ from torch import nn
 
 
 def problem(n: int, dim: int, classes: int, seed: int):
-    from mergelab.evaluate.types import SplitFeatures, TaskFeatures
+    from mergelab.evaluation.types import SplitFeatures, TaskFeatures
 
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(dim, classes, generator=g))
@@ -53,9 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from mergelab.evaluate.protocols.aligned import TRANSFORMS, fit_transform, halves
-    from mergelab.evaluate.protocols.common import ProtocolContext
-    from mergelab.evaluate.protocols.registry import run_protocol
+    from mergelab.evaluation.protocols.aligned import TRANSFORMS, fit_transform, halves
+    from mergelab.evaluation.protocols.common import ProtocolContext
+    from mergelab.evaluation.protocols.registry import run_protocol
 
     merged, finetuned, head = problem(args.n, args.dim, args.classes, args.seed)
     x, y = merged.split("test").features, finetuned.split("test").features

@@ -128,7 +128,8 @@ def measure(cmd: list[str]) -> dict:
 
 
 def mergelab_cmd(method: str, base: Path, models: list[Path], out: Path, params: dict) -> list[str]:
-    cmd = [sys.executable, "-m", "mergelab.cli", "merge", "--method", method, "--base", str(base), "--out", str(out)]
+    entry = [sys.executable, "-c", "from mergelab.cli import main; main()"]  # the `mergelab` command, this Python
+    cmd = [*entry, "merge", "--method", method, "--base", str(base), "--out", str(out)]
     for m in models:
         cmd += ["--model", str(m)]
     for k, v in params.items():

@@ -19,22 +19,30 @@ from pathlib import Path
 import torch
 
 from mergelab.bench.config import demo_config
-from mergelab.bench.runner import experts_context
+from mergelab.bench.pool import load_expert_pool
+from mergelab.core.sampling import uniform_subset
 from mergelab.io.writer import atomic_write_text
-from mergelab.learned.base import sample_indices
-from mergelab.learned.neulig import NeuLigTask, evaluate_neulig, expert_features, standardized_xi, train_router
+from mergelab.learned.neulig import (
+    NeuLigOptions,
+    NeuLigTask,
+    evaluate_neulig,
+    expert_features,
+    standardized_xi,
+    train_router,
+)
 from mergelab.models.hf import load_task_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="300,1000,3000")
-    parser.add_argument("--train-examples", type=int, default=512)
+    parser.add_argument("--train-examples", type=int, default=NeuLigOptions().train_examples)
     parser.add_argument("--out", default="benchmarks/results/neulig_gap.json")
     args = parser.parse_args()
+    options = NeuLigOptions(train_examples=args.train_examples)  # the benchmark's (and CLI's) settings otherwise
     cfg = demo_config()
     torch.set_num_threads(cfg.threads)
-    ctx = experts_context(cfg)  # the demo's experts, from the cache
+    ctx = load_expert_pool(cfg)  # the demo's experts, from the cache
     started = time.perf_counter()
     models = {n: load_task_model(e.path, label_names=ctx.tasks[n].label_names) for n, e in ctx.experts.items()}
     encoders = [m.encoder.float().eval() for m in models.values()]
@@ -43,7 +51,7 @@ def main() -> None:
     features, labels = [], []
     for index, task in enumerate(ctx.tasks.values()):
         train = task.splits["train"]
-        chosen = sample_indices(len(train), args.train_examples, index)
+        chosen = uniform_subset(len(train), options.train_examples, options.seed + index).tolist()
         features.append(expert_features(encoders, [train.texts[i] for i in chosen], max_length))
         labels.append(torch.tensor([train.labels[i] for i in chosen]))
     evaluation = {
@@ -57,9 +65,10 @@ def main() -> None:
     scratch = copy.deepcopy(encoders[0])
     results = []
     for steps in [int(s) for s in args.steps.split(",")]:
-        router = train_router(features, labels, heads, xi, "ce", steps, 1e-3, 128, 100.0, 0)
-        for rule in ("first", "mean"):
-            table = evaluate_neulig(router, scratch, states, evaluation, rule, 16, max_length)
+        router = train_router(features, labels, heads, xi, options.loss, steps, options.lr, options.batch_size,
+                              options.regulariser_scale, options.seed)  # fmt: skip
+        for rule in options.weights_from:
+            table = evaluate_neulig(router, scratch, states, evaluation, rule, options.eval_batch_size, max_length)
             average = {k: sum(float(r[k]) for r in table.values()) / len(table)
                        for k in ("ensemble", "merge", "gap", "top_weight")}  # fmt: skip
             results.append({"steps": steps, "weights_from": rule, "average": average, "tasks": table})

@@ -408,13 +408,13 @@ def main() -> int:
         try:
             for row in todo:
                 if row.peer == "mergekit":
-                    row.result = compare(mergelab.merge(row.method, base, models, **row.params),
+                    row.result = compare(mergelab.merge(row.method, base, models, **row.params).state,
                                          run_mergekit(python, row, base, models, work))  # fmt: skip
             fb_rows = [row for row in todo if row.peer == "fusionbench"]
             if fb_rows:
                 fb_results, report = run_fusionbench(python, fb_rows, base, models, shapes, work)
                 for index, (row, theirs) in enumerate(zip(fb_rows, fb_results, strict=True)):
-                    row.result = compare(mergelab.merge(row.method, base, models, **row.params), theirs)
+                    row.result = compare(mergelab.merge(row.method, base, models, **row.params).state, theirs)
                     exact = report.get(f"run{index}:u_equal_p")
                     if exact:
                         row.note = f"{exact} draw(s) exactly p: FusionBench drops them, mergelab keeps them"

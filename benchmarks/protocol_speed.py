@@ -31,15 +31,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mergelab
-    from mergelab.bench.runner import fewshot_pool, resolve_base
+    from mergelab.bench.pool import fewshot_pool, resolve_base
     from mergelab.core.paths import default_cache_dir
+    from mergelab.core.sampling import sample_per_class
     from mergelab.data.catalog import load_builtin_task
-    from mergelab.evaluate.features import FeatureCache
-    from mergelab.evaluate.fewshot import sample_per_class
-    from mergelab.evaluate.protocols.common import ProtocolContext
-    from mergelab.evaluate.protocols.registry import run_protocol
+    from mergelab.evaluation.features import FeatureCache
+    from mergelab.evaluation.protocols.common import ProtocolContext
+    from mergelab.evaluation.protocols.registry import run_protocol
     from mergelab.finetune.experts import get_or_train_expert
-    from mergelab.models.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
+    from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
     from mergelab.models.hf import load_encoder, load_task_model
 
     cache = args.cache_dir or default_cache_dir()
@@ -49,7 +49,7 @@ def main() -> None:
     experts = {n: get_or_train_expert(cache / "experts", base, t, epochs=1.0, lr=1e-4, max_length=64, batch_size=32,
                                       seed=0, train_size=600, weight_decay=0.01, threads=args.threads)
                for n, t in tasks.items()}  # fmt: skip
-    merged_state = mergelab.merge("task_arithmetic", base, list(experts.values()), scale=0.5)
+    merged_state = mergelab.merge("task_arithmetic", base, list(experts.values()), scale=0.5).state
     merged = load_encoder(merged_state, base)
     features = FeatureCache(cache / "features", progress=False)
     print(f"FT-Classifier, {args.shots}-shot, {args.seeds} seeds (times summed, accuracies averaged over seeds)")

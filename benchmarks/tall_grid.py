@@ -12,9 +12,9 @@ import time
 
 import torch
 
+import mergelab
 from mergelab.bench.config import demo_config
-from mergelab.bench.runner import experts_context
-from mergelab.learned.api import merge_with_data
+from mergelab.bench.pool import load_expert_pool
 
 
 def main() -> None:
@@ -23,14 +23,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = demo_config()
     torch.set_num_threads(cfg.threads)
-    ctx = experts_context(cfg)  # the demo's experts, from the cache
+    ctx = load_expert_pool(cfg)  # the demo's experts, from the cache
     finetuned = {n: e.path for n, e in ctx.experts.items()}
     scales = [float(s) for s in args.scales.split(",")]
     timings = {}
     for label, memo in (("without memo", None), ("with memo", {})):
         started = time.perf_counter()
         for scale in scales:
-            merge_with_data("tall_consensus", ctx.base_path, finetuned, ctx.tasks, scale=scale, memo=memo)
+            mergelab.merge("tall_consensus", ctx.base_path, finetuned, data=dict(ctx.tasks), scale=scale, memo=memo)
         timings[label] = time.perf_counter() - started
         print(f"{label:>12}: {timings[label]:.1f} s for {len(scales)} scale values")
     print(f"ratio with / without: {timings['with memo'] / timings['without memo']:.2f}")

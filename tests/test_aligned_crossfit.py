@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from mergelab.core.errors import ConfigError, DataError
-from mergelab.evaluate.api import expand_cells
-from mergelab.evaluate.protocols import aligned as aligned_mod
-from mergelab.evaluate.protocols.common import ProtocolContext
-from mergelab.evaluate.protocols.registry import run_protocol
-from mergelab.evaluate.types import SplitFeatures, TaskFeatures
+from mergelab.evaluation.api import expand_cells
+from mergelab.evaluation.protocols import aligned as aligned_mod
+from mergelab.evaluation.protocols.common import ProtocolContext
+from mergelab.evaluation.protocols.registry import run_protocol
+from mergelab.evaluation.types import SplitFeatures, TaskFeatures
 
 FAMILIES = aligned_mod.TRANSFORMS
 
@@ -202,7 +202,7 @@ def test_expand_cells_names_the_fit_and_the_control():
 
 
 def test_report_labels_and_figure_handle_every_aligned_name(tmp_path):
-    from mergelab.bench.report import aligned_table, figure_aligned, protocol_label
+    from mergelab.bench.report import aligned_table, figure_aligned, markdown_table, protocol_label
 
     assert protocol_label("aligned:orthogonal") == "Aligned orthogonal (cross-fitted)"
     assert "in-sample" in protocol_label("aligned-insample:affine")
@@ -220,13 +220,13 @@ def test_report_labels_and_figure_handle_every_aligned_name(tmp_path):
                          "extras": {"chance_majority": 0.25} if name != "current" else {}})  # fmt: skip
     png = figure_aligned(rows)
     assert png and png[:4] == b"\x89PNG"
-    table = aligned_table(rows)
+    table = markdown_table(aligned_table(rows))
     line = next(line for line in table.splitlines() if line.startswith("| WA | affine"))
     assert "| 70.0 | 27.0 | 25.0 | ✓ | 99.0 | 97.0 |" in line
     rows = [r for r in rows if r["protocol"] != "aligned-control:affine"] + [
         {**r, "protocol": "aligned-control:affine", "accuracy": 0.4} for r in rows if r["protocol"] == "aligned:affine"
     ]
-    assert "⚠ 15.0 pt from chance" in aligned_table(rows)
+    assert "⚠ 15.0 pt from chance" in markdown_table(aligned_table(rows))
 
 
 # --- the fast solvers solve the same problems ----------------------------------------------------------------

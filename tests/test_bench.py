@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -15,11 +16,16 @@ import pytest
 import yaml
 from transformers import AutoModel, AutoTokenizer
 
-from mergelab.bench.config import ExperimentConfig, load_experiment_config
-from mergelab.bench.report import aggregate, build_report
+from mergelab.bench import baselines, cells, selection
+from mergelab.bench.config import PROTOCOLS, ExperimentConfig, builtin_config, demo_config, load_experiment_config
+from mergelab.bench.report import build_report
 from mergelab.bench.runner import run_benchmark
-from mergelab.bench.store import ResultStore
+from mergelab.bench.store import CSV_COLUMNS, ResultStore
 from mergelab.core.errors import ConfigError
+from mergelab.evaluation.features import FeatureCache
+from mergelab.evaluation.protocols.registry import protocol_infos
+from mergelab.evaluation.results import ModelKind, summarize
+from mergelab.finetune import experts
 from tests._text_helpers import make_task, tiny_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,24 +72,42 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root, "config": path, "cache": root / "cache"}
 
 
-def test_runner_end_to_end_and_report_equals_store(setup):
-    cfg = load_experiment_config(setup["config"])
-    run = setup["root"] / "run"
-    report = run_benchmark(cfg, run, setup["cache"], log=lambda m: None)
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory) -> dict:
+    """One complete run of the setup's config, built here for the tests below; a test that writes works on a copy."""
+    root = tmp_path_factory.mktemp("finished")
+    report = run_benchmark(load_experiment_config(setup["config"]), root / "run", root / "cache", log=lambda m: None)
+    return {"run": root / "run", "cache": root / "cache", "report": report}
+
+
+def private_copy(finished: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the finished run folder and of its (warm) cache, for one test to change."""
+    return (Path(shutil.copytree(finished["run"], tmp_path / "run")),
+            Path(shutil.copytree(finished["cache"], tmp_path / "cache")))  # fmt: skip
+
+
+def stored_rows(run: Path) -> dict[str, tuple]:
+    """Every stored row with its SQLite rowid (INSERT OR REPLACE gives a rewritten row a new one)."""
+    with sqlite3.connect(run / "results.sqlite") as conn:
+        return {row[1]: row for row in conn.execute("SELECT rowid, * FROM results")}
+
+
+def test_runner_end_to_end_and_report_equals_store(finished, tmp_path):
+    run, report = finished["run"], finished["report"]
     with ResultStore(run / "results.sqlite") as store:
         rows = store.rows()
         chosen = store.get_meta("chosen")
+        learned = store.get_meta("learned")
     kinds = {(r["model"], r["method"], r["protocol"]) for r in rows}
     assert ("finetuned", "individual", "current") in kinds and ("ensemble", "ensemble", "ensemble") in kinds
     assert ("pretrained", "pretrained", "knn") in kinds and ("merged", "ties", "aligned:procrustes") in kinds
     assert ("merged", "regmean", "current") in kinds  # data-dependent methods through the same runner
     assert ("merged", "fisher", "knn") in kinds and ("merged", "tall_consensus", "ft_classifier") in kinds
     assert ("mtl", "mtl", "current") in kinds  # the multi-task-learning baseline with its own heads
+    assert {r["model"] for r in rows} == {kind.value for kind in ModelKind}  # every kind of model, stored by value
     neulig = {r["method"] for r in rows if r["model"] == "neulig"}
     assert neulig == {"ensemble", "merge-first", "merge-mean"}
     assert all(0.0 <= r["extras"]["top_weight"] <= 1.0 for r in rows if r["method"].startswith("merge-"))
-    with ResultStore(run / "results.sqlite") as store:
-        learned = store.get_meta("learned")
     tall = next(v for k, v in learned.items() if k.startswith("tall_consensus"))
     assert set(tall["lambdas"]) == {"t0", "t1"} and all(v in (0.3, 0.6) for v in tall["lambdas"].values())
     assert all(r["transductive"] for r in rows if r["method"] == "adamerging")  # learned on test inputs
@@ -92,14 +116,14 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     assert not any(r["transductive"] for r in rows
                    if r["protocol"] in ("current", "knn", "ft_classifier") and r["method"] != "adamerging")
     csv = pd.read_csv(run / "results.csv")
-    assert {"method", "params", "protocol", "task", "seed", "shots", "accuracy", "transductive"} <= set(csv.columns)
+    assert list(csv.columns) == list(CSV_COLUMNS)
     assert len(csv) == len(rows)
     # the report's table values are the store's values
     text = report.read_text()
-    agg = aggregate(rows)
-    ta = agg[("merged", "task_arithmetic", "knn", 2)]
+    summary = summarize(rows)
+    ta = summary.find(ModelKind.MERGED, "task_arithmetic", "knn", 2)
     line = next(x for x in text.splitlines() if x.startswith("| task_arithmetic + KNN (2-shot)"))
-    assert ta["t0"].text() in line and ta["Avg"].text() in line
+    assert ta.get("t0").text() in line and ta.average.text() in line
     assert (run / "report.html").read_text().count("data:image/png;base64") >= 3
     assert (run / "fig7_surgery.png").exists()  # FT-Classifier vs Surgery (the paper's Figure 7)
     assert "| Multi-task learning |" in text and "## NeuLig: merging vs ensembling" in text
@@ -107,10 +131,11 @@ def test_runner_end_to_end_and_report_equals_store(setup):
     assert "## Figure 7: FT-Classifier vs Representation Surgery" in text
     surgery_shots = {(r["seed"], r["shots"]) for r in rows if r["protocol"] == "surgery" and r["method"] == "ties"}
     assert surgery_shots == {(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)}  # every input, and k × C inputs per (seed, k)
-    neulig_avg = {m: agg[("neulig", m, "current", 0)]["Avg"].mean for m in ("ensemble", "merge-first")}
+    neulig_avg = {m: summary.find(ModelKind.NEULIG, m, "current", 0).average.mean for m in ("ensemble", "merge-first")}
     gap_line = next(x for x in text.splitlines() if x.startswith("| merge-first |"))
     assert f"{100 * (neulig_avg['ensemble'] - neulig_avg['merge-first']):+.2f}" in gap_line  # the gap in points
-    again = build_report(run)  # rebuilding from the store gives the same Markdown
+    copy, _ = private_copy(finished, tmp_path)
+    again = build_report(copy)  # rebuilding from the store gives the same Markdown
     assert again["markdown"].read_text() == text
 
 
@@ -122,40 +147,54 @@ def _count_rows(db: Path) -> int:
         return 0
 
 
-def test_resume_after_kill_9(setup):
-    run = setup["root"] / "killed"
-    cmd = [sys.executable, "-m", "mergelab.cli", "bench", str(setup["config"]), "--out", str(run),
-           "--cache-dir", str(setup["cache"])]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+def test_resume_after_kill_9(setup, finished, tmp_path):
+    run, cache = tmp_path / "killed", Path(shutil.copytree(finished["cache"], tmp_path / "cache"))
+    cmd = [sys.executable, "-c", "from mergelab.cli import main; main()", "bench", str(setup["config"]), "--out", str(run),
+           "--cache-dir", str(cache)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and _count_rows(run / "results.sqlite") == 0 and proc.poll() is None:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     partial = _count_rows(run / "results.sqlite")
     assert partial > 0
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     with ResultStore(run / "results.sqlite") as store:
         resumed = {r["key"]: r["accuracy"] for r in store.rows()}
-    with ResultStore(setup["root"] / "run" / "results.sqlite") as store:
+    with ResultStore(finished["run"] / "results.sqlite") as store:
         full = {r["key"]: r["accuracy"] for r in store.rows()}
+    assert len(resumed) > partial  # the second run added what the first had not stored
     assert resumed.keys() == full.keys()  # nothing missing, nothing duplicated
     assert all(abs(resumed[k] - full[k]) < 1e-9 for k in full)
 
 
-def test_rerun_does_no_new_work(setup):
-    cfg = load_experiment_config(setup["config"])
-    run = setup["root"] / "run"
-    before = (run / "results.sqlite").stat().st_mtime_ns
-    with ResultStore(run / "results.sqlite") as store:
-        count = len(store.rows())
-    run_benchmark(cfg, run, setup["cache"], log=lambda m: None, report=False)
-    with ResultStore(run / "results.sqlite") as store:
-        assert len(store.rows()) == count
-    assert before <= (run / "results.sqlite").stat().st_mtime_ns
+def test_rerun_does_no_new_work(setup, finished, tmp_path, monkeypatch):
+    run, cache = private_copy(finished, tmp_path)
+    before = stored_rows(run)
+    writes: list[dict] = []
+    monkeypatch.setattr(ResultStore, "add", lambda self, rows: writes.append(dict(rows)))
+
+    def recomputed(what: str):  # noqa: ANN202
+        def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise AssertionError(f"a finished run {what} again")
+
+        return fail
+
+    monkeypatch.setattr(experts, "finetune_expert", recomputed("fine-tuned an expert"))
+    monkeypatch.setattr(FeatureCache, "_compute", recomputed("ran an encoder"))
+    monkeypatch.setattr(selection, "validation_score", recomputed("searched a grid"))
+    monkeypatch.setattr(selection, "merge_state", recomputed("merged"))
+    monkeypatch.setattr(cells, "run_cell", recomputed("evaluated a stored cell"))
+    monkeypatch.setattr(baselines, "get_or_train_multitask", recomputed("trained the multi-task model"))
+    monkeypatch.setattr(baselines, "neulig_with_data", recomputed("trained the NeuLig router"))
+    run_benchmark(load_experiment_config(setup["config"]), run, cache, log=lambda m: None, report=False)
+    assert writes == []
+    assert stored_rows(run) == before  # no row rewritten (a rewritten row gets a new rowid)
 
 
 @pytest.mark.parametrize(
@@ -179,8 +218,6 @@ def test_config_validation_errors_name_the_problem(tmp_path, change, message):
 
 
 def test_builtin_configs_are_valid():
-    from mergelab.bench.config import builtin_config, demo_config
-
     cfg = demo_config()
     assert isinstance(cfg, ExperimentConfig) and len(cfg.tasks) == 4 and cfg.seeds == 5
     full = builtin_config("full")
@@ -191,8 +228,11 @@ def test_builtin_configs_are_valid():
         builtin_config("fulll")
 
 
-def test_config_protocol_names_match_the_protocol_registry():
-    from mergelab.bench.config import PROTOCOLS
-    from mergelab.evaluate.protocols.registry import protocol_infos
-
-    assert set(PROTOCOLS) == set(protocol_infos())
+def test_config_accepts_exactly_the_registry_protocols(tmp_path):
+    assert PROTOCOLS == tuple(protocol_infos())  # derived, in the registry's order
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"tasks": [{"name": "election"}], "protocols": list(protocol_infos())}))
+    assert load_experiment_config(path).protocols == list(protocol_infos())
+    path.write_text(yaml.safe_dump({"tasks": [{"name": "election"}], "protocols": ["telepathy"]}))
+    with pytest.raises(ConfigError, match="protocols.0.*" + ".*".join(protocol_infos())):
+        load_experiment_config(path)

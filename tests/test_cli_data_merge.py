@@ -11,10 +11,10 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import mergelab
 from mergelab.cli import app
 from mergelab.cli.common import pair_models_with_data
 from mergelab.core.errors import ConfigError
-from mergelab.learned.api import merge_with_data
 from tests._learned_helpers import tiny_family
 
 
@@ -49,7 +49,7 @@ def test_tall_consensus_pairs_models_and_data_by_task_name(family, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "lambdas" in result.output  # what the method chose is printed
-    expected = merge_with_data("tall_consensus", base, finetuned, folders, scale=0.8, lambdas=[0.2, 0.5])
+    expected = mergelab.merge("tall_consensus", base, finetuned, data=folders, scale=0.8, lambdas=[0.2, 0.5]).state
     written = _weights(out)
     assert set(written) == set(expected)
     for name, tensor in expected.items():
@@ -66,11 +66,29 @@ def test_a_yaml_config_runs_a_transductive_method(family, tmp_path):
     }))  # fmt: skip
     result = CliRunner().invoke(app, ["merge", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    expected = merge_with_data("adamerging", base, finetuned, folders, max_length=32, steps=2, batch_size=4,
-                               granularity="task")  # fmt: skip
+    expected = mergelab.merge("adamerging", base, finetuned, data=folders, max_length=32, steps=2, batch_size=4,
+                              granularity="task").state  # fmt: skip
     written = _weights(tmp_path / "ada")
     for name, tensor in expected.items():
         torch.testing.assert_close(written[name], tensor.to(written[name].dtype), msg=name)
+
+
+def test_regmean_through_the_api_and_the_cli_gives_the_same_weights(family, tmp_path):
+    base, finetuned, folders = family
+    result = mergelab.merge("regmean", base, finetuned, data=folders, num_examples=6, alpha=0.9)
+    assert result.reads == "train" and not result.transductive and result.info["solved_linear_weights"] == 7
+    out = tmp_path / "regmean"
+    args = ["merge", "--method", "regmean", "--base", str(base), "--out", str(out), "--param", "num_examples=6",
+            "--param", "alpha=0.9"]  # fmt: skip
+    for task in finetuned:  # unnamed: paired by order, as the API pairs a list
+        args += ["--model", str(finetuned[task]), "--data", str(folders[task])]
+    cli = CliRunner().invoke(app, args)
+    assert cli.exit_code == 0, cli.output
+    assert "solved_linear_weights" in cli.output and '"split": "train"' in cli.output
+    written = _weights(out)
+    assert set(written) == set(result.state)
+    for name, tensor in result.state.items():
+        assert torch.equal(written[name], tensor), name
 
 
 def test_pairing_rules_by_hand():
@@ -94,6 +112,8 @@ def test_bad_cli_input_is_one_clear_line_and_writes_nothing(family, tmp_path):
     data_for_weights = runner.invoke(app, [*common, "--method", "task_arithmetic", "--model", str(finetuned["task0"]),
                                            "--model", str(finetuned["task1"]), "--data", str(folders["task0"])])
     assert data_for_weights.exit_code == 1 and "only for data-dependent methods" in data_for_weights.output
+    no_data = runner.invoke(app, [*common, "--method", "regmean", "--model", str(finetuned["task0"])])
+    assert no_data.exit_code == 1 and "pass data=" in no_data.output and len(no_data.output.strip().splitlines()) == 1
     wrong_task = runner.invoke(app, [*common, "--method", "regmean", "--model", f"task0={finetuned['task0']}",
                                      "--model", f"task1={finetuned['task1']}", "--data", f"task0={folders['task0']}",
                                      "--data", f"task9={folders['task1']}"])  # fmt: skip

@@ -28,7 +28,7 @@ def test_cli_merge_matches_api(family, tmp_path):
     result = runner.invoke(app, _merge_args(base, models, out, "--method", "ties", "--param", "density=0.2",
                                             "--param", "scale=0.3", "--max-shard-size", "30KB"))
     assert result.exit_code == 0, result.output
-    expected = mergelab.merge("ties", base, models, density=0.2, scale=0.3)
+    expected = mergelab.merge("ties", base, models, density=0.2, scale=0.3).state
     reader = mergelab.open_checkpoint(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(reader.get(name), tensor, atol=1e-6, rtol=0)
@@ -44,7 +44,7 @@ def test_cli_merge_from_yaml_config(family, tmp_path):
     )
     result = runner.invoke(app, ["merge", "--config", str(cfg)])
     assert result.exit_code == 0, result.output
-    expected = mergelab.merge("task_arithmetic", base, models[:2], scale=0.5)
+    expected = mergelab.merge("task_arithmetic", base, models[:2], scale=0.5).state
     got = load_file(str(tmp_path / "o" / "model.safetensors"))
     torch.testing.assert_close(got["pooler.dense.weight"], expected["pooler.dense.weight"])
 
@@ -70,6 +70,16 @@ def test_methods_lists_every_method_with_params():
         assert name in result.output  # the data-dependent methods and their parameters too
     flat = " ".join(result.output.split())  # rich wraps long lines
     assert "reads labelled validation data" in flat and "reads unlabelled test inputs, transductive" in flat
+    assert "reads weights only" in flat and "reads unlabelled train inputs" in flat
+    # the entries that are not one merged model: what they produce and what runs them
+    assert "tall_masks" in flat and "produces one model per task, not a single merged model" in flat
+    assert "neulig" in flat and "run: `mergelab neulig`" in flat and "train_examples" in flat and "512" in flat
+    assert "pleas" in flat and "run: `mergelab vision-bench`" in flat
+
+
+def test_version_prints_the_package_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"mergelab {mergelab.__version__}"
 
 
 def _no_output(tmp_path, out):
@@ -136,7 +146,7 @@ def test_every_method_through_the_cli_equals_the_api(family, tmp_path, method):
     out = tmp_path / method
     result = runner.invoke(app, _merge_args(base, models, out, "--method", method))
     assert result.exit_code == 0, result.output
-    expected = mergelab.merge(method, base, models)
+    expected = mergelab.merge(method, base, models).state
     reader = mergelab.open_checkpoint(out)
     for name, tensor in expected.items():
         assert torch.equal(reader.get(name), tensor), name

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.merging.methods.consensus import tall_masks
-from mergelab.merging.registry import build_method
+from mergelab.api.registry import build_method
+from mergelab.learned.tall_masks import apply_mask, model_consensus_mask, model_tall_mask
+from mergelab.merging.ops import consensus_mask, tall_mask
+
+
+def tall_masks(taus: list[torch.Tensor], tall_lambda: float) -> list[torch.Tensor]:
+    """Each task's TALL mask against τ_MTL = Σ_t τ_t (the weight-space consensus' multi-task vector)."""
+    total = torch.stack(taus).sum(0)
+    return [tall_mask(tau, total, tall_lambda) for tau in taus]
 
 
 def test_tall_masks_by_hand():
@@ -16,6 +23,8 @@ def test_tall_masks_by_hand():
     assert masks[1].tolist() == [True, False, True]    # 1 > 0.6, 0 < 0.12, 2 > 1.14
     assert masks[2].tolist() == [False, True, True]    # 0 < 1.2, 0.1 > 0.06, 0.1 > 0
     assert tall_masks(taus, 0.0)[1].tolist() == [True, False, True]  # strict: a zero entry never counts
+    assert consensus_mask(masks, 2).tolist() == [True, True, True]  # votes [2, 2, 3]
+    assert consensus_mask(masks, 3).tolist() == [False, False, True]
 
 
 def test_tall_mask_ties_are_excluded_like_the_official_code():
@@ -26,15 +35,13 @@ def test_tall_mask_ties_are_excluded_like_the_official_code():
 
 
 def test_weight_space_consensus_equals_the_data_consensus_at_the_same_lambda():
-    from mergelab.learned.tall_masks import apply_mask, consensus_mask, tall_mask
-
     torch.manual_seed(1)
     base = torch.randn(6, 5)
     models = [base + torch.randn(6, 5) for _ in range(3)]
     taus = [{"w": m - base} for m in models]
     mtl = {"w": sum(t["w"] for t in taus)}
-    masks = [tall_mask(t, mtl, 0.4) for t in taus]
-    expected = apply_mask({"w": base}, consensus_mask(masks, 2), mtl, scale=0.7)["w"]
+    masks = [model_tall_mask(t, mtl, 0.4) for t in taus]
+    expected = apply_mask({"w": base}, model_consensus_mask(masks, 2), mtl, scale=0.7)["w"]
     method = build_method("consensus", {"tall_lambda": 0.4, "min_tasks": 2, "scale": 0.7}, 3)
     torch.testing.assert_close(method.merge_tensor("w", base.clone(), [m.clone() for m in models]), expected)
 

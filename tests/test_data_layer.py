@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from mergelab.core.errors import DataError
+from mergelab.core.sampling import stratified_split, stratified_subsample
 from mergelab.data.catalog import builtin_task_names, load_builtin_task
-from mergelab.data.splits import stratified_split, stratified_subsample
 from mergelab.data.tasks import load_task, load_task_folder
 
 

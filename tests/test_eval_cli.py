@@ -1,4 +1,4 @@
-"""`mergelab eval` and `mergelab.evaluate.api.evaluate` on tiny HF checkpoints."""
+"""`mergelab eval` and `mergelab.evaluation.api.evaluate` on tiny HF checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import mergelab
 from mergelab.cli import app
-from mergelab.evaluate.api import evaluate
+from mergelab.evaluation.api import evaluate
 from tests._text_helpers import make_task, tiny_classifier
 
 runner = CliRunner()
@@ -37,7 +37,7 @@ def _setup(tmp_path):
 
 def test_eval_cli_writes_rows_and_prints_table(tmp_path):
     bare, experts, tasks = _setup(tmp_path)
-    merged = mergelab.merge("weight_average", bare, list(experts.values()), out=tmp_path / "merged")
+    merged = mergelab.merge("weight_average", bare, list(experts.values()), out=tmp_path / "merged").path
     args = ["eval", "--merged", str(merged), "--protocol", "current,knn,aligned,ft_classifier,linear_probe,ensemble",
             "--shots", "1,2", "--seeds", "2", "--transforms", "procrustes", "--out", str(tmp_path / "rows.json"),
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
@@ -57,19 +57,18 @@ def test_eval_cli_writes_rows_and_prints_table(tmp_path):
 
 def test_evaluate_api_is_deterministic_and_the_base_can_be_evaluated(tmp_path):
     bare, experts, tasks = _setup(tmp_path)
-    kwargs = dict(protocols=["knn", "ft_classifier"], shots=[2], seeds=2, cache_dir=tmp_path / "c", progress=False)
+    kwargs = dict(protocols=["knn", "ft_classifier"], shots=[2], num_seeds=2, cache_dir=tmp_path / "c", progress=False)
     first = evaluate(bare, experts, tasks, **kwargs)  # the pretrained base as the evaluated encoder
     second = evaluate(bare, experts, tasks, **kwargs)
     # 2 tasks × (knn + ft_classifier with both solvers) × 2 seeds × 1 shot count
     assert len(first) == 2 * 3 * 2
-    assert {(r["task"], r["protocol"], r["seed"]) for r in first} == {
+    assert {(r.task, r.protocol, r.seed) for r in first} == {
         (t, p, s) for t in ("t0", "t1") for p in ("knn", "ft_classifier", "ft_classifier:converged") for s in (0, 1)
     }
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in first)
-    assert [(r["task"], r["protocol"], r["seed"], r["accuracy"]) for r in first] == [
-        (r["task"], r["protocol"], r["seed"], r["accuracy"]) for r in second
-    ]
-    assert all(r["normalized_accuracy"] is not None for r in first)
+    assert all(0.0 <= r.accuracy <= 1.0 and r.normalized_accuracy is not None for r in first)
+    assert first == second
+    later = evaluate(bare, experts, tasks, **{**kwargs, "seed": 5})
+    assert {r.seed for r in later} == {5, 6}
 
 
 def test_eval_of_an_encoder_of_another_width_is_one_line(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mergelab.core.errors import ConfigError, DataError
-from mergelab.evaluate.fewshot import derive_seed, sample_count, sample_fraction, sample_per_class
+from mergelab.core.rng import derive_seed
+from mergelab.core.sampling import sample_count, sample_fraction, sample_per_class
 
 
 def labels_of(sizes: dict[int, int]) -> torch.Tensor:

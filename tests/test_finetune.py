@@ -7,22 +7,25 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from mergelab.core.errors import CheckpointError, ConfigError, DataError
+from mergelab.bench.config import ExperimentConfig, demo_config
+from mergelab.core.errors import CheckpointError, ConfigError, DataError, OutputError
 from mergelab.core.rng import derive_seed
-from mergelab.evaluate.features import FeatureCache
+from mergelab.evaluation.features import FeatureCache
 from mergelab.finetune import experts
+from mergelab.finetune.config import FinetuneConfig
 from mergelab.finetune.experts import (
-    FinetuneConfig,
     batch_schedule,
     decay_groups,
     expert_cache_key,
     finetune_expert,
     finetune_multitask,
     get_or_train_expert,
+    get_or_train_multitask,
     load_multitask,
     load_probe,
+    multitask_cache_key,
     random_linear_head,
     round_robin,
 )
@@ -179,15 +182,30 @@ def test_expert_cache_key_tracks_what_determines_the_expert(tmp_path, base):
         expert_cache_key(base, task, warmup_ratio=1.5)
 
 
+def test_one_recipe_for_the_api_and_the_bench_config():
+    assert ExperimentConfig.model_fields["finetune"].annotation is FinetuneConfig  # used whole, not copied
+    # the demo's recipe, as the expert cache key hashes it: a change here retrains every cached expert
+    assert demo_config().finetune.model_dump() == {
+        "epochs": 3.0, "lr": 1e-4, "max_length": 64, "batch_size": 32, "train_size": 1200, "seed": 0,
+        "weight_decay": 0.01, "warmup_ratio": 0.1, "pooling": "mean", "head_init": "random", "head_lr": 2e-3,
+    }  # fmt: skip
+    assert FinetuneConfig.from_kwargs(epochs=2, lr="1e-3").model_dump() == dict(FinetuneConfig().model_dump(),
+                                                                               epochs=2.0, lr=1e-3)  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown fine-tuning parameter.*learning_rate"):
+        FinetuneConfig.from_kwargs(learning_rate=1e-3)
+    with pytest.raises(ConfigError, match="'pooling': Input should be 'mean' or 'native'"):
+        FinetuneConfig.from_kwargs(pooling="cls")
+    with pytest.raises(ConfigError, match="'head_lr': Input should be greater than 0"):
+        FinetuneConfig.from_kwargs(head_lr=0)
+
+
 def test_a_failed_save_leaves_nothing(tmp_path, base, monkeypatch):
     task = make_task(per_class=2)
-    from transformers import PreTrainedTokenizerBase
-
     def broken(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         raise OSError("disk full")
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"disk full\); nothing was written"):
         finetune_expert(base, task, tmp_path / "out" / "expert", progress=False, **dict(FAST, epochs=1))
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -226,8 +244,6 @@ def test_multitask_baseline_trains_one_encoder_with_per_task_heads(tmp_path, bas
 
 
 def test_second_get_or_train_multitask_trains_nothing_and_the_key_tracks_tasks(tmp_path, base, count_calls):
-    from mergelab.finetune.experts import get_or_train_multitask, multitask_cache_key
-
     tasks = [make_task("a", per_class=4, seed=0), make_task("b", num_classes=2, per_class=4, seed=1)]
     calls = count_calls(experts, "finetune_multitask")
     settings = dict(FAST, epochs=1)

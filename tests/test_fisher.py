@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mergelab.learned.fisher import diagonal_fisher, fisher, fisher_merge
+from mergelab.learned.fisher import batch_squared_fisher, diagonal_fisher, fisher, fisher_merge
 from mergelab.models.hf import load_encoder
 from tests._text_helpers import make_task, tiny_classifier
 
@@ -34,23 +34,36 @@ def test_per_example_expected_fisher_matches_hand_computation():
             expected += p[c] * g**2
     expected /= len(xs)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    # squaring the gradient of the batch-summed objective (one public implementation) is a different quantity
+    # FusionBench's estimator squares the gradient of the batch-summed s = Σ_x Σ_c √p_c log p_c (√p detached):
+    # ∂s/∂z = √p − (Σ_c √p_c) p per example, so ∇_W s = Σ_x (∂s/∂z_x) x_xᵀ; divided by N. Implemented as such, it is
+    # not the diagonal Fisher computed above.
     batch = torch.cat(xs)
-    log_p = torch.log_softmax(batch @ w.T, -1)
-    p = log_p.exp().detach()
-    wrong = torch.zeros_like(w)
-    for c in range(3):
-        g = ((torch.eye(3)[c] - p) * p[:, c : c + 1]).T @ batch  # ∇ Σ_x p_c log p_c-style batch gradient
-        wrong += g**2
-    assert not torch.allclose(wrong / 2, expected, atol=1e-4)
+    p = torch.softmax(batch @ w.T, -1)
+    dz = p.sqrt() - p.sqrt().sum(1, keepdim=True) * p
+    hand_batch = (dz.T @ batch) ** 2 / len(xs)
+    estimator = batch_squared_fisher(model, [{"x": batch}], {"weight": model.weight})["weight"]
+    torch.testing.assert_close(estimator, hand_batch, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(estimator, got, atol=1e-4)
 
 
-def test_sampled_fisher_is_seeded():
-    model = Linear(torch.randn(3, 4))
-    examples = [{"x": torch.randn(1, 4)} for _ in range(5)]
+def test_sampled_fisher_is_the_squared_gradient_of_the_seeded_draws():
+    torch.manual_seed(1)
+    w = torch.randn(3, 4)
+    model = Linear(w)
+    xs = [torch.randn(1, 4) for _ in range(20)]
+    examples = [{"x": x} for x in xs]
     a = diagonal_fisher(model, examples, {"weight": model.weight}, "sampled", seed=3)["weight"]
     b = diagonal_fisher(model, examples, {"weight": model.weight}, "sampled", seed=3)["weight"]
-    assert torch.equal(a, b)
+    c = diagonal_fisher(model, examples, {"weight": model.weight}, "sampled", seed=4)["weight"]
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # same seed, same draws; another seed, other draws
+    # by hand: y ~ p from a generator seeded like the method's, F = mean_x ((e_y − p) xᵀ)²
+    generator = torch.Generator().manual_seed(3)
+    expected = torch.zeros_like(w)
+    for x in xs:
+        p = torch.softmax(x[0] @ w.T, -1)
+        y = int(torch.multinomial(p, 1, generator=generator))
+        expected += ((torch.eye(3)[y] - p).unsqueeze(1) * x) ** 2
+    torch.testing.assert_close(a, expected / len(xs), atol=1e-6, rtol=1e-5)
 
 
 def test_equal_fishers_give_the_weight_average():

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergelab.core import sampling
 from mergelab.core.errors import ConfigError
-from mergelab.evaluate import fewshot
-from mergelab.evaluate.api import expand_cells
-from mergelab.evaluate.protocols.common import ProtocolContext, head_logits
-from mergelab.evaluate.protocols.ft_classifier import full_batch_kl, refit_head, solve_head
-from mergelab.evaluate.protocols.registry import run_protocol
-from mergelab.evaluate.types import SplitFeatures, TaskFeatures
+from mergelab.evaluation.api import expand_cells
+from mergelab.evaluation.protocols.common import ProtocolContext, head_logits
+from mergelab.evaluation.protocols.ft_classifier import full_batch_kl, refit_head, solve_head
+from mergelab.evaluation.protocols.registry import run_protocol
+from mergelab.evaluation.types import SplitFeatures, TaskFeatures
 
 D, C, N = 8, 3, 30
 
@@ -145,7 +145,7 @@ def test_reference_solver_is_the_unchanged_reference_schedule():
         assert default.extras == explicit.extras
         # the schedule spelled out by hand: same draw, same teacher, same 5 epochs of batch-1 Adam
         train, ft_train = ctx.evaluated.split("train"), ctx.finetuned.split("train")
-        index = fewshot.sample_per_class(train.labels, shots, seed, num_classes=4, what="toy")
+        index = sampling.sample_per_class(train.labels, shots, seed, num_classes=4, what="toy")
         teacher = head_logits(ctx.head, ft_train.features[index])
         student, losses = refit_head(ctx.head, train.features[index], teacher, seed=seed)
         predictions = head_logits(student, ctx.evaluated.split("test").features).argmax(dim=1)

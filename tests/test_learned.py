@@ -10,23 +10,33 @@ import torch
 from torch import nn
 
 import mergelab
-from mergelab.core.errors import ConfigError, DataError
-from mergelab.data.tasks import TextTask
+from mergelab.api.registry import METHOD_CLASSES, build_method, get_method_spec, list_methods
+from mergelab.core.errors import CheckpointError, ConfigError, DataError
+from mergelab.data.types import TextTask
 from mergelab.learned import tall_masks as tall_module
 from mergelab.learned.adamerging import entropy, learn_coefficients, merged_parameters
-from mergelab.learned.api import load_expert_set, merge_with_data, neulig_with_data, tall_masks_with_data
-from mergelab.learned.base import ties_multitask_vector, ties_selected_vectors
+from mergelab.learned.api import neulig_with_data, tall_masks_with_data
+from mergelab.learned.base import DataMergeMethod
+from mergelab.learned.experts import load_expert_set
 from mergelab.learned.fisher import batch_squared_fisher, diagonal_fisher, fisher_merge
 from mergelab.learned.neulig import (
+    NeuLigOptions,
     batch_weights,
     merge_vs_ensemble,
     regulariser,
     standardized_xi,
     train_router,
 )
-from mergelab.learned.registry import build_data_method, data_method_names, list_data_methods
 from mergelab.learned.regmean import linear_input_grams, regmean_merge, regmean_solve, shrink
-from mergelab.learned.tall_masks import apply_mask, compute_tall_masks, consensus_mask, multitask_vector, tall_mask
+from mergelab.learned.tall_masks import (
+    apply_mask,
+    compute_tall_masks,
+    model_consensus_mask,
+    model_tall_mask,
+    multitask_vector,
+)
+from mergelab.merging.base import MergeMethod
+from mergelab.merging.ops import ties_multitask_vector, ties_selected_vectors
 from mergelab.models.hf import load_encoder
 from tests._learned_helpers import tiny_family
 
@@ -38,6 +48,11 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 
 def _encoder_state(path: Path) -> dict[str, torch.Tensor]:
     return load_encoder(path, path).model.state_dict()
+
+
+def _merge(method: str, base: Path, finetuned: dict, tasks: dict, **options) -> dict[str, torch.Tensor]:
+    """``mergelab.merge`` of a data-dependent method, in memory: the merged state dict."""
+    return mergelab.merge(method, base, finetuned, data=tasks, **options).state
 
 
 def _close_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
@@ -114,18 +129,19 @@ def test_regmean_end_to_end_one_model_and_written_checkpoint(family, tmp_path):
     from transformers import AutoModel
 
     base, finetuned, tasks = family
-    single = merge_with_data("regmean", base, {"task0": finetuned["task0"]}, {"task0": tasks["task0"]})
+    single = _merge("regmean", base, {"task0": finetuned["task0"]}, {"task0": tasks["task0"]})
     _close_states(single, _encoder_state(finetuned["task0"]), atol=1e-4)  # RegMean of one model is that model
-    info: dict = {}
-    out = merge_with_data("regmean", base, finetuned, tasks, tmp_path / "merged", num_examples=8, info=info)
-    assert out == tmp_path / "merged" and info["solved_linear_weights"] == 7 and info["split"] == "train"
+    result = mergelab.merge("regmean", base, finetuned, data=tasks, out=tmp_path / "merged", num_examples=8)
+    out = result.path
+    assert out == tmp_path / "merged" and result.state is None and result.info["solved_linear_weights"] == 7
+    assert result.record()["split"] == "train" and result.record()["transductive"] is False
     loaded = AutoModel.from_pretrained(out).state_dict()
-    state = merge_with_data("regmean", base, finetuned, tasks, num_examples=8)
+    state = _merge("regmean", base, finetuned, tasks, num_examples=8)
     for name, tensor in state.items():
         torch.testing.assert_close(loaded[name], tensor)
     assert load_encoder(state, base).encode_texts(["apple pear", "oak"]).shape == (2, 16)
-    with pytest.raises(Exception, match="exists"):
-        merge_with_data("regmean", base, finetuned, tasks, tmp_path / "merged")  # no silent overwrite
+    with pytest.raises(CheckpointError, match="exists"):
+        mergelab.merge("regmean", base, finetuned, data=tasks, out=tmp_path / "merged")  # no silent overwrite
 
 
 # -------------------------------------------------------------------------------------------------- Fisher
@@ -185,10 +201,10 @@ def test_fisher_end_to_end_one_model_is_that_model(family):
         ("fisher", {"num_examples": 4}),
         ("fisher_batch", {"num_examples": 4, "fisher_batch_size": 2}),
     ):
-        single = merge_with_data(method, base, {"task1": finetuned["task1"]}, {"task1": tasks["task1"]}, **params)
+        single = _merge(method, base, {"task1": finetuned["task1"]}, {"task1": tasks["task1"]}, **params)
         _close_states(single, _encoder_state(finetuned["task1"]))
-    info: dict = {}
-    state = merge_with_data("fisher", base, finetuned, tasks, num_examples=4, label_mode="sampled", info=info)
+    result = mergelab.merge("fisher", base, finetuned, data=tasks, num_examples=4, label_mode="sampled")
+    state, info = result.state, result.info
     assert len(info["coefficients"]) == 2 and abs(sum(info["coefficients"]) - 1) < 1e-9
     assert load_encoder(state, base).encode_texts(["fig lime"]).shape == (1, 16)
 
@@ -266,15 +282,31 @@ def test_ties_selected_vectors_trim_globally_and_resolve_zero_signs_by_majority(
 
 def test_adamerging_end_to_end_reads_test_inputs_and_zero_steps_is_task_arithmetic(family):
     base, finetuned, tasks = family
-    info: dict = {}
-    merge_with_data("adamerging", base, finetuned, tasks, steps=3, batch_size=4, info=info)
-    assert info["split"] == "test" and info["transductive"] and len(info["losses"]) == 3
+    result = mergelab.merge("adamerging", base, finetuned, data=tasks, steps=3, batch_size=4)
+    info = result.info
+    assert result.reads == "test" and result.transductive and len(info["losses"]) == 3
+    assert result.record()["split"] == "test" and result.record()["transductive"] is True
     assert all(0.0 <= c <= 1.0 for row in info["coefficients"] for c in row)
-    at_init = merge_with_data("adamerging", base, finetuned, tasks, steps=0, granularity="task", init=0.3)
-    expected = mergelab.merge("task_arithmetic", base, list(finetuned.values()), scale=0.3)
+    at_init = _merge("adamerging", base, finetuned, tasks, steps=0, granularity="task", init=0.3)
+    expected = mergelab.merge("task_arithmetic", base, list(finetuned.values()), scale=0.3).state
     _close_states(at_init, {k: expected[k] for k in at_init})
-    plus = merge_with_data("adamerging", base, finetuned, tasks, steps=1, plus=True, batch_size=4)
-    assert all(torch.isfinite(t).all() for t in plus.values() if t.is_floating_point())
+
+
+def test_adamerging_plus_at_its_init_is_ties_global_dis_sum(family):
+    """AdaMerging++ learns one coefficient per task on the TIES-selected vectors: before any step it is exactly TIES
+    (global top-k, majority sign, dis-sum) scaled by the init, over the same tensors."""
+    base, finetuned, tasks = family
+    for density, init in ((0.2, 0.3), (0.5, 0.8)):
+        plus = _merge("adamerging", base, finetuned, tasks, steps=0, granularity="task", init=init, plus=True,
+                      density=density)  # fmt: skip
+        ties = mergelab.merge("ties", base, list(finetuned.values()), density=density, scope="global",
+                              disjoint="sum", scale=init).state  # fmt: skip
+        plain = _merge("adamerging", base, finetuned, tasks, steps=0, granularity="task", init=init)
+        _close_states(plus, {k: ties[k] for k in plus}, atol=1e-6)
+        assert any(not torch.allclose(plus[k], plain[k]) for k in plus if plus[k].is_floating_point())
+    trained = mergelab.merge("adamerging", base, finetuned, data=tasks, steps=2, plus=True, batch_size=4)
+    assert len(trained.info["losses"]) == 2 and all(torch.isfinite(t).all() for t in trained.state.values()
+                                                    if t.is_floating_point())  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- TALL / consensus
@@ -288,15 +320,15 @@ def test_tall_masks_and_consensus_by_hand():
     ]
     mtl = multitask_vector(taus)  # Σ τ = [2, 0.2, 0.1]; τ_MTL − τ_t: [1, .1, 2.1], [1, .2, −1.9], [2, .1, 0]
     torch.testing.assert_close(mtl["w"], torch.tensor([2.0, 0.2, 0.1]))
-    masks = [tall_mask(t, mtl, 0.6) for t in taus]
+    masks = [model_tall_mask(t, mtl, 0.6) for t in taus]
     assert masks[0]["w"].tolist() == [True, True, True]  # 1 > .6, .1 > .06, 2 > 1.26
     assert masks[1]["w"].tolist() == [True, False, True]  # 1 > .6, 0 ≯ .12, 2 > 1.14
     assert masks[2]["w"].tolist() == [False, True, True]  # 0 ≯ 1.2, .1 > .06, .1 > 0
-    assert tall_mask(taus[1], mtl, 1.0)["w"].tolist() == [False, False, True]  # strict: 1 ≯ 1·1
-    assert consensus_mask(masks, 2)["w"].tolist() == [True, True, True]  # votes [2, 2, 3]
-    assert consensus_mask(masks, 3)["w"].tolist() == [False, False, True]
+    assert model_tall_mask(taus[1], mtl, 1.0)["w"].tolist() == [False, False, True]  # strict: 1 ≯ 1·1
+    assert model_consensus_mask(masks, 2)["w"].tolist() == [True, True, True]  # votes [2, 2, 3]
+    assert model_consensus_mask(masks, 3)["w"].tolist() == [False, False, True]
     base = {"w": torch.zeros(3), "ids": torch.arange(3)}
-    merged = apply_mask(base, consensus_mask(masks, 3), mtl, scale=0.5)
+    merged = apply_mask(base, model_consensus_mask(masks, 3), mtl, scale=0.5)
     assert merged["w"].tolist() == [0.0, 0.0, pytest.approx(0.05)] and torch.equal(merged["ids"], base["ids"])
 
 
@@ -316,7 +348,7 @@ def test_tall_lambda_is_chosen_per_task_on_validation(family, monkeypatch):
     assert result.lambdas == {"task0": 0.3, "task1": 0.6} and all(0.0 <= a <= 1.0 for a in seen)
     for task, lam in result.lambdas.items():
         tau = {n: experts.expert_states()[int(task[-1])][n] - result.base[n] for n in result.tau_mtl}
-        expected = tall_mask(tau, result.tau_mtl, lam)
+        expected = model_tall_mask(tau, result.tau_mtl, lam)
         assert all(torch.equal(expected[n], result.masks[task][n]) for n in expected)
     rebuilt = result.reconstruct("task1")
     name = "encoder.layer.0.output.dense.weight"
@@ -347,23 +379,24 @@ def test_validation_accuracy_of_an_expert_is_its_accuracy(family):
 def test_tall_consensus_end_to_end(family):
     base, finetuned, tasks = family
     base_state = _encoder_state(base)
-    _close_states(merge_with_data("tall_consensus", base, finetuned, tasks, scale=0.0), base_state, atol=0.0)
-    everything = merge_with_data("tall_consensus", base, finetuned, tasks, min_tasks=0, scale=1.0)
-    expected = mergelab.merge("task_arithmetic", base, list(finetuned.values()), scale=1.0)
+    _close_states(_merge("tall_consensus", base, finetuned, tasks, scale=0.0), base_state, atol=0.0)
+    everything = _merge("tall_consensus", base, finetuned, tasks, min_tasks=0, scale=1.0)
+    expected = mergelab.merge("task_arithmetic", base, list(finetuned.values()), scale=1.0).state
     _close_states(everything, {k: expected[k] for k in everything})  # k = 0 keeps every weight: θ₀ + Σ τ
-    info: dict = {}
-    merge_with_data("tall_consensus", base, finetuned, tasks, base_merge="ties", info=info)
+    info = mergelab.merge("tall_consensus", base, finetuned, data=tasks, base_merge="ties").info
     assert set(info["lambdas"]) == {"task0", "task1"} and 0.0 < info["kept_fraction"] < 1.0
-    per_task = tall_masks_with_data(base, finetuned, tasks, lambdas=(0.4,))
+    per_task = tall_masks_with_data(base, finetuned, tasks, {"lambdas": (0.4,)})
     assert set(per_task) == {"task0", "task1"} and all(set(s) == set(base_state) for s in per_task.values())
     no_val = {
         t: TextTask(t, {k: v for k, v in task.splits.items() if k != "validation"}, task.label_names)
         for t, task in tasks.items()
     }
     with pytest.raises(DataError, match="no validation split"):
-        merge_with_data("tall_consensus", base, finetuned, no_val)
+        _merge("tall_consensus", base, finetuned, no_val)
     with pytest.raises(ConfigError, match="at least 2"):
-        merge_with_data("tall_consensus", base, {"task0": finetuned["task0"]}, tasks)
+        _merge("tall_consensus", base, {"task0": finetuned["task0"]}, tasks)
+    with pytest.raises(ConfigError, match=r"base_merge='mean'.*'base_merge' must be one of task_arithmetic \| ties"):
+        tall_masks_with_data(base, finetuned, tasks, {"base_merge": "mean"})
 
 
 def test_tall_consensus_memo_reuses_the_masks_across_scales(family, count_calls):
@@ -372,17 +405,17 @@ def test_tall_consensus_memo_reuses_the_masks_across_scales(family, count_calls)
     base, finetuned, tasks = family
     calls = count_calls(tall_module, "compute_tall_masks")
     memo: dict = {}
-    first = merge_with_data("tall_consensus", base, finetuned, tasks, scale=0.5, memo=memo)
-    second = merge_with_data("tall_consensus", base, finetuned, tasks, scale=1.0, memo=memo)
+    first = _merge("tall_consensus", base, finetuned, tasks, scale=0.5, memo=memo)
+    second = _merge("tall_consensus", base, finetuned, tasks, scale=1.0, memo=memo)
     assert len(calls) == 1  # the masks depend on the models, data and λ grid, not on α
-    fresh = merge_with_data("tall_consensus", base, finetuned, tasks, scale=1.0)
+    fresh = _merge("tall_consensus", base, finetuned, tasks, scale=1.0)
     _close_states(second, fresh, atol=0.0)
     base_state = _encoder_state(base)
     for name in first:  # θ₀ + α·M⊙τ: the α = 0.5 update is half the α = 1 update
         if first[name].is_floating_point():
             torch.testing.assert_close(first[name] - base_state[name], 0.5 * (second[name] - base_state[name]))
     assert len(calls) == 2  # without a memo the masks are computed again
-    merge_with_data("tall_consensus", base, finetuned, tasks, lambdas=(0.3,), memo=memo)
+    _merge("tall_consensus", base, finetuned, tasks, lambdas=(0.3,), memo=memo)
     assert len(calls) == 3  # a different λ grid is another entry
 
 
@@ -433,8 +466,8 @@ def test_neulig_regulariser_and_xi_by_hand():
 
 def test_neulig_end_to_end_reports_ensemble_merge_and_gap(family):
     _, finetuned, tasks = family
-    report = neulig_with_data(finetuned, tasks, steps=20, lr=1e-2, batch_size=8, eval_batch_size=4,
-                              weights_from=("first", "mean"), test_examples=12)  # fmt: skip
+    options = NeuLigOptions(steps=20, lr=1e-2, batch_size=8, eval_batch_size=4, test_examples=12)
+    report = neulig_with_data(finetuned, tasks, options)
     assert set(report.variants) == {"first", "mean"} and report.results is report.variants["first"]
     for table in report.variants.values():
         assert set(table) == {"task0", "task1"}
@@ -444,52 +477,72 @@ def test_neulig_end_to_end_reports_ensemble_merge_and_gap(family):
     # the ensemble side does not depend on the rule that picks the merge weights
     assert report.variants["first"]["task0"]["ensemble"] == report.variants["mean"]["task0"]["ensemble"]
     assert set(report.average_of("mean")) == {"ensemble", "merge", "gap", "top_weight"}
-    with pytest.raises(ConfigError, match="weights_from"):
-        neulig_with_data(finetuned, tasks, steps=1, weights_from="last")
+    with pytest.raises(ConfigError, match=r"method 'neulig': weights_from='last'.*'first' or 'mean'"):
+        neulig_with_data(finetuned, tasks, {"steps": 1, "weights_from": "last"})
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) 'step' for method 'neulig'"):
+        neulig_with_data(finetuned, tasks, {"step": 1})
     # cached test features give the same report as the experts' own forward passes
     from mergelab.learned.neulig import expert_features
 
     encoders = [load_encoder(p, p) for p in finetuned.values()]
     cached = {t: expert_features(encoders, task.splits["test"].texts) for t, task in tasks.items()}
-    same = neulig_with_data(finetuned, tasks, steps=20, lr=1e-2, batch_size=8, eval_batch_size=4,
-                            weights_from=("first", "mean"), test_examples=12, test_features=cached)  # fmt: skip
+    same = neulig_with_data(finetuned, tasks, options, test_features=cached)
     for rule in ("first", "mean"):
         for task in tasks:
             assert same.variants[rule][task]["merge"] == report.variants[rule][task]["merge"]
             assert same.variants[rule][task]["ensemble"] == pytest.approx(report.variants[rule][task]["ensemble"])
     with pytest.raises(DataError, match="one \\["):
-        neulig_with_data(finetuned, tasks, steps=1, test_features={t: v[:1] for t, v in cached.items()})
+        neulig_with_data(finetuned, tasks, {"steps": 1}, test_features={t: v[:1] for t, v in cached.items()})
 
 
 # ----------------------------------------------------------------------------------------------- registry / api
 
 
-def test_registry_lists_methods_and_reports_bad_names_and_values():
-    assert data_method_names() == ["fisher", "fisher_batch", "regmean", "adamerging", "tall_consensus"]
-    rows = {r["name"]: r for r in list_data_methods()}
-    assert rows["adamerging"]["transductive"] and rows["adamerging"]["split"] == "test"
-    assert rows["tall_consensus"]["needs_labels"] and all(p["doc"] for r in rows.values() for p in r["params"])
-    with pytest.raises(ConfigError, match="choose one of: fisher, fisher_batch, regmean"):
-        build_data_method("regmeen", {})
+def test_one_registry_lists_every_method_with_what_it_reads_and_how_it_runs():
+    specs = {spec.name: spec for spec in list_methods()}
+    assert list(specs) == ["weight_average", "task_arithmetic", "ties", "dare", "magmax", "cart", "consensus",
+                           "model_stock", "fisher", "fisher_batch", "regmean", "adamerging", "tall_consensus",
+                           "tall_masks", "neulig", "pleas"]  # fmt: skip
+    assert [n for n, s in specs.items() if s.reads_data and s.produces == "merged_model"] == [
+        "fisher", "fisher_batch", "regmean", "adamerging", "tall_consensus"]  # fmt: skip
+    assert [n for n, s in specs.items() if s.transductive] == ["adamerging"]
+    assert specs["tall_consensus"].reads == "validation" and specs["tall_consensus"].needs_labels
+    assert specs["regmean"].reads == "train" and not specs["regmean"].needs_labels
+    assert {n: s.produces for n, s in specs.items() if s.produces != "merged_model"} == {
+        "tall_masks": "per_task_models", "neulig": "router", "pleas": "wider_model"}  # fmt: skip
+    for cls in METHOD_CLASSES:  # the route a spec declares is the one its class family runs
+        streaming = issubclass(cls, MergeMethod)
+        assert streaming != issubclass(cls, DataMergeMethod)
+        assert cls.spec.runs == ("streaming" if streaming else "in_memory") and cls.spec.reads_data != streaming
+    neulig = get_method_spec("neulig").params()
+    assert (neulig.steps, neulig.train_examples, neulig.weights_from) == (300, 512, ["first", "mean"])
+
+
+def test_one_validation_for_the_parameters_of_every_method():
+    with pytest.raises(ConfigError, match=r"unknown merge method 'regmeen'; choose one of: .*regmean"):
+        build_method("regmeen", {}, 2)
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) 'alhpa' for method 'regmean'.*alpha, num_examples"):
-        build_data_method("regmean", {"alhpa": 0.5})
+        build_method("regmean", {"alhpa": 0.5}, 2)
     with pytest.raises(ConfigError, match=r"alpha=1.5.*'alpha' must be >=0.0 and <=1.0"):
-        build_data_method("regmean", {"alpha": 1.5})
-    with pytest.raises(ConfigError, match=r"label_mode='exact'.*one of expected \| sampled"):
-        build_data_method("fisher", {"label_mode": "exact"})
-    from mergelab.learned.registry import get_data_method
+        build_method("regmean", {"alpha": 1.5}, 2)
+    with pytest.raises(ConfigError, match=r"label_mode='exact'.*'label_mode' must be one of expected \| sampled"):
+        build_method("fisher", {"label_mode": "exact"}, 2)
+    with pytest.raises(ConfigError, match=r"invalid parameter for method 'ties': scope='layer'.*must be one of global"):
+        build_method("ties", {"scope": "layer"}, 2)  # the same style for a weight-space method
+    with pytest.raises(ConfigError, match=r"method 'tall_consensus' needs at least 2 fine-tuned models, got 1"):
+        build_method("tall_consensus", {}, 1)
+    with pytest.raises(ConfigError, match=r"invalid parameter for method 'neulig': steps=0.*'steps' must be >=1"):
+        get_method_spec("neulig").validate({"steps": 0})
+    assert build_method("adamerging", {"batch_size": 4}, 2).params.batch_size == 4
 
-    assert {r["name"] for r in list_data_methods() if r["transductive"]} == {"adamerging"}
-    assert get_data_method("tall_consensus").split == "validation" and get_data_method("regmean").split == "train"
 
-
-def test_merge_with_data_checks_tasks_and_labels(family):
+def test_merge_checks_tasks_and_labels(family):
     base, finetuned, tasks = family
-    with pytest.raises(DataError, match=r"without data: \['task1'\]"):
-        merge_with_data("regmean", base, finetuned, {"task0": tasks["task0"]})
+    with pytest.raises(DataError, match=r"models and data must name the same tasks; without data: \['task1'\]"):
+        _merge("regmean", base, finetuned, {"task0": tasks["task0"]})
     task = tasks["task0"]
     renamed = TextTask("task0", task.splits, ["x", "y"])  # the head says c0, c1
     with pytest.raises(DataError, match="differ from the data's labels"):
-        merge_with_data("regmean", base, {"task0": finetuned["task0"]}, {"task0": renamed})
-    with pytest.raises(Exception, match="config.json"):
-        merge_with_data("regmean", base.parent / "missing", finetuned, tasks)
+        _merge("regmean", base, {"task0": finetuned["task0"]}, {"task0": renamed})
+    with pytest.raises(CheckpointError, match="is not a Hugging Face model folder \\(no config.json\\)"):
+        _merge("regmean", base.parent / "missing", finetuned, tasks)

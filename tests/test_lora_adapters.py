@@ -83,9 +83,9 @@ def set_config(folder: Path, **updates) -> None:
 
 def test_api_merge_equals_merge_and_unload(cls_base, tmp_path):
     adapter, expected = make_adapter(cls_base, tmp_path / "ad", target_modules=ATTN)
-    assert_same_state(mergelab.merge("task_arithmetic", cls_base, [adapter], scale=1.0), expected)
+    assert_same_state(mergelab.merge("task_arithmetic", cls_base, [adapter], scale=1.0).state, expected)
     # without a base the adapter's own (local) base_model_name_or_path is the base
-    assert_same_state(mergelab.merge("task_arithmetic", None, [adapter], scale=1.0), expected)
+    assert_same_state(mergelab.merge("task_arithmetic", None, [adapter], scale=1.0).state, expected)
 
 
 @pytest.mark.parametrize("with_base", [True, False])
@@ -123,7 +123,7 @@ def test_config_variants_equal_merge_and_unload(cls_base, tmp_path, variant):
     assert isinstance(reader, AdapterReader) and reader.adapted_names()
     if "modules_to_save" in lora:
         assert {"classifier.weight", "classifier.bias"} <= set(reader.replaced_names())
-    merged = mergelab.merge("task_arithmetic", cls_base, [adapter], scale=1.0, exclude=())  # heads merge too
+    merged = mergelab.merge("task_arithmetic", cls_base, [adapter], scale=1.0, exclude=()).state  # heads merge too
     assert_same_state(merged, expected)
 
 
@@ -135,7 +135,7 @@ def test_fan_in_fan_out_conv1d(tmp_path):
     adapter, expected = make_adapter(tmp_path / "gpt2", tmp_path / "ad", classifier=False,
                                      target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)  # fmt: skip
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    assert_same_state(mergelab.merge("task_arithmetic", tmp_path / "gpt2", [adapter], scale=1.0), expected)
+    assert_same_state(mergelab.merge("task_arithmetic", tmp_path / "gpt2", [adapter], scale=1.0).state, expected)
     set_config(adapter, fan_in_fan_out=False)  # c_attn's update (32 x 96) then no longer fits (96 x 32)
     with pytest.raises(CheckpointError, match=r"c_attn.*set fan_in_fan_out to True"):
         mergelab.merge("task_arithmetic", tmp_path / "gpt2", [adapter], scale=1.0)
@@ -147,7 +147,7 @@ def test_bare_encoder_base_aligns_by_prefix(tmp_path):
     adapter, expected = make_adapter(base, tmp_path / "ad", target_modules=ATTN, modules_to_save=["classifier"])
     reader = open_checkpoint(adapter)
     assert set(reader.extra_names()) == {"classifier.weight", "classifier.bias"}  # the head the base lacks
-    merged = mergelab.merge("task_arithmetic", base, [adapter], scale=1.0)
+    merged = mergelab.merge("task_arithmetic", base, [adapter], scale=1.0).state
     encoder = {k.removeprefix("bert."): v for k, v in expected.items() if k.startswith("bert.")}
     base_reader = open_checkpoint(base)
     encoder["embeddings.position_ids"] = base_reader.get("embeddings.position_ids")  # the int buffer stays the base's
@@ -167,8 +167,8 @@ def test_ties_on_adapters_equals_ties_on_materialised_models(cls_base, tmp_path)
         adapters.append(adapter)
         fulls.append(tmp_path / f"full{seed}")
     for params in (dict(density=0.3, scale=1.0), dict(density=0.5, scale=0.7, scope="global")):
-        from_adapters = mergelab.merge("ties", cls_base, adapters, **params)
-        assert_same_state(from_adapters, mergelab.merge("ties", cls_base, fulls, **params))
+        from_adapters = mergelab.merge("ties", cls_base, adapters, **params).state
+        assert_same_state(from_adapters, mergelab.merge("ties", cls_base, fulls, **params).state)
 
 
 def test_in_memory_inputs_are_never_aliased(cls_base, tmp_path):
@@ -178,9 +178,9 @@ def test_in_memory_inputs_are_never_aliased(cls_base, tmp_path):
                             save={"safe_serialization": False})  # fmt: skip
     second, _ = make_adapter(cls_base, tmp_path / "ad2", seed=2, target_modules=["key"])
     params = dict(density=0.4, scale=1.0, scope="global", exclude=())
-    expected = mergelab.merge("ties", cls_base, [first, second], **params)
+    expected = mergelab.merge("ties", cls_base, [first, second], **params).state
     in_memory = load_file(str(cls_base / "model.safetensors"))
-    assert_same_state(mergelab.merge("ties", in_memory, [first, second], **params), expected)
+    assert_same_state(mergelab.merge("ties", in_memory, [first, second], **params).state, expected)
 
 
 # --- (4) DoRA and non-LoRA adapters are refused ---
@@ -221,7 +221,7 @@ def test_base_differing_from_base_model_name_or_path_is_refused(cls_base, tmp_pa
     ):
         mergelab.merge("task_arithmetic", other, [adapter], scale=1.0)
     copy = Path(shutil.copytree(cls_base, tmp_path / "copy"))  # same content elsewhere: accepted
-    assert_same_state(mergelab.merge("task_arithmetic", copy, [adapter], scale=1.0), expected)
+    assert_same_state(mergelab.merge("task_arithmetic", copy, [adapter], scale=1.0).state, expected)
 
 
 def test_mismatched_shapes_or_modules_are_refused(cls_base, tmp_path):
@@ -315,7 +315,7 @@ def test_adapter_reader_reads_one_tensor_per_get(cls_base, tmp_path):
         r.base.gets.clear()
         r.adapter.gets.clear()
         r.base.peak = r.adapter.peak = r.base.live = r.adapter.live = 0
-    ties = mergelab.merge("ties", cls_base, adapters, density=0.5, scale=1.0, scope="global")  # statistics passes
+    ties = mergelab.merge("ties", cls_base, adapters, density=0.5, scale=1.0, scope="global").state  # statistics passes
     merged = {k for k, v in ties.items() if v.is_floating_point() and not k.startswith("classifier.")}
     for r in adapters:
         assert r.base.peak == 1 and r.adapter.peak <= 2  # one base tensor and its two factors at a time

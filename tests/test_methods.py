@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from mergelab.api.registry import build_method, list_methods
 from mergelab.core.errors import ConfigError, MergelabError
 from mergelab.merging import ops
 from mergelab.merging.base import MergeMethod
@@ -20,7 +21,7 @@ from mergelab.merging.methods.model_stock import ModelStock, ModelStockParams
 from mergelab.merging.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams
 from mergelab.merging.methods.ties import Ties, TiesParams
 from mergelab.merging.methods.weight_average import WeightAverage, WeightAverageParams
-from mergelab.merging.registry import build_method, list_methods
+from mergelab.merging.spec import describe_params
 
 State = dict[str, torch.Tensor]
 
@@ -57,7 +58,7 @@ def drive(method: MergeMethod, base: State | None, models: list[State]) -> State
     names = list(models[0])
 
     def base_of(name: str) -> torch.Tensor | None:  # fresh copies: methods own (and may overwrite) their inputs
-        return base[name].clone() if (base is not None and method.needs_base) else None
+        return base[name].clone() if (base is not None and method.spec.needs_base) else None
 
     def models_of(name: str) -> list[torch.Tensor]:
         return [m[name].clone() for m in models]
@@ -559,14 +560,17 @@ def test_valid_parameters_build_and_dare_default_scales():
 
 
 def test_every_method_declares_one_line_docs_and_flags():
-    methods = {m["name"]: m for m in list_methods()}
-    assert set(methods) == {"weight_average", "task_arithmetic", "ties", "dare", "magmax", "cart", "consensus", "model_stock"}
-    assert not methods["weight_average"]["needs_base"] and not methods["cart"]["needs_base"]
-    assert methods["ties"]["needs_base"] and methods["model_stock"]["needs_base"]
-    for info in methods.values():
-        assert info["summary"] and "\n" not in info["summary"]
-        for row in info["params"]:
-            assert row["doc"] and "\n" not in row["doc"], (info["name"], row["name"])
-    ties_params = {row["name"]: row for row in methods["ties"]["params"]}
+    specs = {spec.name: spec for spec in list_methods()}
+    weight_space = {name for name, spec in specs.items() if spec.runs == "streaming"}
+    assert weight_space == {"weight_average", "task_arithmetic", "ties", "dare", "magmax", "cart", "consensus", "model_stock"}
+    assert all(specs[name].reads == "nothing" and not specs[name].transductive for name in weight_space)
+    assert not specs["weight_average"].needs_base and not specs["cart"].needs_base
+    assert specs["ties"].needs_base and specs["model_stock"].needs_base
+    assert specs["consensus"].min_models == 2 and specs["model_stock"].min_models == 2
+    for spec in specs.values():  # every entry of the one registry, data-dependent ones and NeuLig included
+        assert spec.summary and "\n" not in spec.summary and spec.run_with
+        for row in describe_params(spec.params):
+            assert row["doc"] and "\n" not in row["doc"], (spec.name, row["name"])
+    ties_params = {row["name"]: row for row in describe_params(specs["ties"].params)}
     assert ties_params["density"]["default"] == "0.2" and ties_params["scope"]["default"] == "'global'"
     assert re.search(r"global \| per_tensor", ties_params["scope"]["range"])

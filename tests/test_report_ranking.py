@@ -15,11 +15,13 @@ from mergelab.bench.report import (
     ft_kl_table,
     kendall_matrix,
     main_table,
+    markdown_table,
     protocol_label,
     rank_methods,
     verdict_scores,
     verdict_section,
 )
+from mergelab.bench.report.markdown import markdown_blocks
 from mergelab.bench.store import ResultStore
 
 # current: A > B > C > D.  knn swaps C and D (1 discordant pair of 6: τ = (5 - 1)/6 = 2/3).  ft reverses the
@@ -89,12 +91,12 @@ def test_verdict_scores_from_rows_and_the_section():
     assert set(scores) == set(SCORES)
     for protocol, expected in SCORES.items():
         assert scores[protocol] == pytest.approx(expected)
-    text = verdict_section(_rows(), shots=5, methods=["A", "B", "C", "D"])
+    text = markdown_blocks(verdict_section(_rows(), shots=5, methods=["A", "B", "C", "D"]))
     assert "| τ |" in text and "+0.67" in text and "-1.00" in text
     assert "| A | 1 (90.0) | 1 (90.0) | 4 (60.0) | 1.5 (80.0) | 1 (95.0) |" in text
     assert "A 1 → 4; D 4 → 1" in text and "no rank moves" in text
     assert protocol_label("aligned:orthogonal") + " †" in text and "Current †" not in text  # † marks transductive
-    assert verdict_section([r for r in _rows() if r["method"] == "A"], shots=5) == ""  # one method: no ranking
+    assert verdict_section([r for r in _rows() if r["method"] == "A"], shots=5) == ()  # one method: no ranking
 
 
 def test_ft_kl_table_and_main_table_show_both_solvers():
@@ -115,10 +117,10 @@ def test_ft_kl_table_and_main_table_show_both_solvers():
             rows.append(_row("A", "ft_classifier:converged", task, seed, 5, 0.8,
                              extras={"solver": "converged", "initial_kl": 1.0, "final_kl": conv_kl, "iterations": 30,
                                      "converged": seed == 0}))  # fmt: skip
-    table = ft_kl_table(rows)
+    table = markdown_table(ft_kl_table(rows))
     assert "| merged | 5 | FT-Classifier (reference schedule) | 4 | 1 | 0.8 | 0.9 | 50 | – |" in table
     assert "| merged | 5 | FT-Classifier (converged, L-BFGS) | 4 | 1 | 0.02 | 0.03 | 30 | 2/4 |" in table
-    assert ft_kl_table([_row("A", "ft_classifier", "t0", 0, 5, 0.5)]) == ""  # an older run: no KL recorded
+    assert ft_kl_table([_row("A", "ft_classifier", "t0", 0, 5, 0.5)]) is None  # an older run: no KL recorded
     labels = [label for label, _, _ in main_table(rows, ["t0", "t1"], 5)]
     assert labels == [
         "A + FT-Classifier (reference schedule) (5-shot)",
@@ -137,14 +139,14 @@ EXPERTS = {
 
 
 def test_experts_table_flags_experts_that_are_no_upper_bound():
-    table = experts_table(EXPERTS)
+    table = markdown_table(experts_table(EXPERTS))
     lines = table.splitlines()
     assert lines[0] == ("| task | expert test acc (%) | frozen-encoder probe (%) | majority rate (%) | "
                         "head moved ‖W−W₀‖/‖W₀‖ | steps | verdict |")  # fmt: skip
     assert lines[2] == "| news | 91.0 | 85.0 | 25.0 | 0.123 | 4 | ✓ |"
     assert lines[3] == "| reviews | 53.0 | 71.0 | 53.0 | 0.002 | 3 | ⚠ below probe, below majority |"
     assert lines[4] == "| spam | 80.0 | 82.0 | 60.0 | 0.500 | 9 | ⚠ below probe |"  # flags missing: from the numbers
-    assert expert_verdict({}) == "✓" and experts_table({}) == ""
+    assert expert_verdict({}) == "✓" and experts_table({}) is None
 
 
 def test_report_renders_the_new_sections(tmp_path):
@@ -157,7 +159,7 @@ def test_report_renders_the_new_sections(tmp_path):
     for heading in ("## Experts: are the upper bounds bounds?", "## Does the protocol change the verdict?"):
         assert heading in md and f"<h2>{heading[3:]}</h2>" in page
     assert (tmp_path / "fig_expert_losses.png").exists()
-    assert "<td>⚠ below probe, below majority</td>" in page and "<th>τ</th>" in page
+    assert '<td class="warn">⚠ below probe, below majority</td>' in page and "<th>τ</th>" in page
     assert "<p>|" not in page and "---|" not in page  # every Markdown table became an HTML table
     with ResultStore(tmp_path / "results.sqlite") as store:
         store.set_meta("experts", {})

@@ -10,9 +10,10 @@ import torch
 from rich.console import Console
 
 from mergelab.core.errors import DataError
-from mergelab.evaluate.protocols.common import ProtocolOutcome
-from mergelab.evaluate.results import (
+from mergelab.evaluation.protocols.common import ProtocolOutcome
+from mergelab.evaluation.results import (
     ResultRow,
+    Summary,
     format_cell,
     normalized,
     pivot_table,
@@ -68,7 +69,8 @@ def hand_rows() -> list[ResultRow]:
 
 
 def pick(summary, protocol: str, task: str):
-    found = summary[(summary["protocol"] == protocol) & (summary["task"] == task)]
+    frame = summary.frame() if isinstance(summary, Summary) else summary
+    found = frame[(frame["protocol"] == protocol) & (frame["task"] == task)]
     assert len(found) == 1
     return found.iloc[0]
 
@@ -146,8 +148,9 @@ def test_task_average_without_a_shared_seed():
 def test_summarize_accepts_store_dicts_and_separates_models():
     dicts = [r.to_dict() for r in hand_rows()] + [row("knn", "ag", 0, 0.1, model="wa").to_dict()]
     summary = summarize(dicts)
-    assert set(summary["model"]) == {"ta", "wa"}
-    assert pick(summary[summary["model"] == "wa"], "knn", "ag")["mean"] == pytest.approx(0.1)
+    assert {key.model for key in summary} == {"ta", "wa"}
+    frame = summary.frame()
+    assert pick(frame[frame["model"] == "wa"], "knn", "ag")["mean"] == pytest.approx(0.1)
     with pytest.raises(DataError, match="no result rows"):
         summarize([])
     validation = {**hand_rows()[0].to_dict(), "split": "validation"}
@@ -190,3 +193,51 @@ def test_format_cell():
     assert format_cell(0.718, 0.002) == "71.8 ± 0.2"
     assert format_cell(0.5, float("nan")) == "50.0"
     assert format_cell(float("nan"), 0.1) == "–"
+
+
+def test_row_from_dict_round_trips_through_the_store(tmp_path):
+    from mergelab.bench.store import ResultStore
+
+    made = hand_rows()[:3] + [row("aligned:orthogonal", "ag", 0, 0.5, shots=0, transductive=True)]
+    made[0] = ResultRow(**{**made[0].to_dict(), "extras": {"chance_majority": 0.25}})
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        store.add_rows([{**r.to_dict(), "key": f"k{i}"} for i, r in enumerate(made)])
+        stored = store.rows("test")
+    back = sorted((ResultRow.from_dict(d) for d in stored), key=lambda r: (r.protocol, r.seed))
+    assert back == sorted(made, key=lambda r: (r.protocol, r.seed))  # params, extras, transductive survive
+    plain = ResultRow.from_dict({"model": "m", "method": "m", "protocol": "p", "task": "t", "seed": 0, "shots": 0,
+                                 "accuracy": 0.5, "params": {"b": 1, "a": 2}, "extras": '{"x": 1}'})  # fmt: skip
+    assert plain.params == '{"a": 2, "b": 1}' and plain.extras == {"x": 1} and plain.split == "test"
+    with pytest.raises(DataError, match=r"result rows lack the column\(s\) method, seed"):
+        ResultRow.from_dict({"model": "m", "protocol": "p", "task": "t", "shots": 0, "accuracy": 0.5})
+
+
+def test_summary_named_lookups():
+    from mergelab.evaluation.results import ModelKind, SummaryKey
+
+    rows = [*hand_rows(), row("current", "ag", 0, 0.9, shots=0, model="finetuned")]
+    summary = summarize(rows)
+    bound = summary.find(ModelKind.FINETUNED, "task_arithmetic", "current", 0)
+    assert bound is not None and bound.get("ag").mean == pytest.approx(0.9) and bound.get("yelp") is None
+    knn = summary.find("ta", "task_arithmetic", "knn", 5)
+    assert knn.key == SummaryKey("ta", "task_arithmetic", "knn", 5, '{"lambda": 0.3}')
+    assert knn.get("average") is knn.average and knn.average.n_seeds == 3 and knn.average.text() == "65.0 ± 0.0"
+    assert summary.find("ta", "task_arithmetic", "knn", 1) is None  # not run
+    assert [g.key.protocol for g in summary.select(model="ta", shots=0)] == ["aligned:orthogonal", "current"]
+    assert summary.find("ta", "task_arithmetic", "current").get("ag").text() == "60.0"  # one seed: no std shown
+    other = ResultRow(**{**row("knn", "ag", 0, 0.1).to_dict(), "params": '{"lambda": 0.5}'})
+    with pytest.raises(DataError, match="ta task_arithmetic knn \\(5 shots\\) was run with several params"):
+        summarize([*rows, other]).find("ta", "task_arithmetic", "knn", 5)
+    with pytest.raises(DataError, match="result rows repeat the cell .* task ag seed 0; each cell must be stored once"):
+        summarize([*rows, row("knn", "ag", 0, 0.1)])
+
+
+def test_no_shared_seed_average_is_the_mean_of_task_means_without_std():
+    rows = [row("knn", "ag", 0, 0.8, norm=0.9), row("knn", "yelp", 1, 0.4, norm=0.5)]
+    rows.append(row("knn", "yelp", 2, 0.6, norm=0.7))
+    average = summarize(rows).find("ta", "task_arithmetic", "knn", 5).average
+    assert average.no_shared_seed and average.n_seeds == 0 and math.isnan(average.std)
+    assert average.mean == pytest.approx((0.8 + 0.5) / 2) and average.normalized_mean == pytest.approx((0.9 + 0.6) / 2)
+    assert average.text() == "65.0"  # no std: the report adds its ‡ mark
+    shared = summarize([*rows, row("knn", "ag", 1, 0.6)]).find("ta", "task_arithmetic", "knn", 5).average
+    assert not shared.no_shared_seed and shared.n_seeds == 1 and shared.mean == pytest.approx((0.6 + 0.4) / 2)

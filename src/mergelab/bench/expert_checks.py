@@ -7,13 +7,14 @@ majority-class rate) is under-trained, and its "fine-tuned upper bound" is not o
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergelab.evaluate.protocols.common import accuracy
+from mergelab.bench.store import ResultStore
+from mergelab.evaluation.protocols.common import accuracy
 from mergelab.finetune.experts import TRAINING_LOG, load_probe
 from mergelab.models.task_model import head_output_count
 
@@ -78,3 +79,16 @@ def warnings_for(verdicts: Mapping[str, Mapping[str, Any]]) -> list[str]:
             lines.append(f"WARNING: expert '{name}' ({100 * v['test_accuracy']:.1f}) does not beat the majority-class "
                          f"rate ({100 * v['majority_rate']:.1f})")
     return lines
+
+
+def record_expert_checks(store: ResultStore, experts: Mapping[str, Any], pretrained: Mapping[str, Any],
+                         expert_accuracy: Mapping[str, float], log: Callable[[str], None]) -> None:  # fmt: skip
+    """Store (meta ``experts``) and log each expert against its frozen-encoder probe and the majority rate."""
+    verdicts = check_experts(experts, pretrained, expert_accuracy)
+    store.set_meta("experts", verdicts)
+    for name, v in verdicts.items():
+        probe = "–" if v["probe_accuracy"] is None else f"{100 * v['probe_accuracy']:.1f}"
+        log(f"expert '{name}': test {100 * v['test_accuracy']:.1f}, frozen-encoder probe {probe}, majority "
+            f"{100 * v['majority_rate']:.1f}")  # fmt: skip
+    for line in warnings_for(verdicts):
+        log(line)

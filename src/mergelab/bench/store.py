@@ -11,11 +11,12 @@ import csv
 import io
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mergelab.evaluation.results import ResultRow
 from mergelab.io.writer import atomic_write_text
 
 COLUMNS = (
@@ -34,13 +35,23 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
 def cell_key(**parts: Any) -> str:
     """A stable key for a cell from everything that determines it."""
     return json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _values(key: str, row: ResultRow) -> list[Any]:
+    """The column values of one row, in ``COLUMNS`` order (the flag as 0/1, extras as JSON text)."""
+    values = {column: getattr(row, column) for column in CSV_COLUMNS}
+    values.update(key=key, transductive=int(bool(row.transductive)), extras=json.dumps(row.extras or {}, default=float))
+    return [values[column] for column in COLUMNS]
+
+
 class ResultStore:
-    """Append-only store of result rows plus a small key/value table for run metadata."""
+    """Result rows (``ResultRow``) by cell key, plus a small key/value table for run metadata."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -75,19 +86,15 @@ class ResultStore:
     def has_all(self, keys: Iterable[str]) -> bool:
         return all(self.has(k) for k in keys)
 
-    def add_rows(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Insert rows in one transaction (all or nothing)."""
+    def add(self, rows: Mapping[str, ResultRow]) -> None:
+        """Store ``{cell key: row}`` in one transaction (all or nothing); a key already stored is replaced."""
         with self.transaction():
-            for row in rows:
-                values = [row.get(c) for c in COLUMNS]
-                values[COLUMNS.index("transductive")] = int(bool(row.get("transductive")))
-                values[COLUMNS.index("extras")] = json.dumps(row.get("extras") or {}, default=float)
-                if not isinstance(values[COLUMNS.index("params")], str):
-                    values[COLUMNS.index("params")] = json.dumps(row.get("params") or {}, sort_keys=True)
-                self._conn.execute(
-                    f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                    values,
-                )
+            for key, row in rows.items():
+                self._conn.execute(_INSERT, _values(key, row))
+
+    def add_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Store rows given as dicts with their ``key`` (as :meth:`rows` returns them), in one transaction."""
+        self.add({row["key"]: ResultRow.from_dict(row) for row in rows})
 
     def rows(self, split: str | None = "test") -> list[dict[str, Any]]:
         query = f"SELECT {', '.join(COLUMNS)} FROM results"

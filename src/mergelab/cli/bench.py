@@ -1,41 +1,50 @@
-"""`mergelab bench`, `report`, `demo`, `vision-bench`: benchmarks and their reports."""
+"""`mergelab bench`, `report`, `demo`, `vision-bench`: benchmarks and their reports.
+
+The bench modules pull torch and transformers (~2 s to import), so they are imported inside the commands that run
+them: `mergelab --help` and the other commands stay fast.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from mergelab.cli.common import app, console, friendly_errors
+from mergelab.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mergelab.bench.config import ExperimentConfig
+
+PLEAS = "pleas"  # `mergelab bench pleas`: the PLeaS vision benchmark (its own runner, no YAML)
+DEFAULT_BUDGETS = "1.0,1.2,1.5,2.0"
 
 
 @app.command("bench")
 @friendly_errors
 def bench_command(
-    config: str = typer.Argument(..., help="experiment YAML, or a built-in one: 'demo' or 'full'"),
+    config: str = typer.Argument(..., help="experiment YAML, or a built-in one: 'demo', 'full' or 'pleas'"),
     out: Path = typer.Option(..., "--out", help="run folder: results store, results.csv, report"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="experts and features cache (default: XDG cache)"),
+    budgets: str = typer.Option(DEFAULT_BUDGETS, "--budgets", help="pleas only: width budgets between 1.0 and 2.0"),
 ) -> None:
     """Run (or resume) an experiment: experts, merges with validation-chosen grids, protocols, report."""
-    from mergelab.bench.config import BUILTIN_CONFIGS, builtin_config, load_experiment_config
-    from mergelab.bench.runner import run_benchmark
-
-    is_builtin = config in BUILTIN_CONFIGS and not Path(config).exists()
-    cfg = builtin_config(config) if is_builtin else load_experiment_config(config)
-    report = run_benchmark(cfg, out, cache_dir, log=lambda msg: typer.echo(msg, err=True))
-    _print_main_table(out)
-    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+    if config == PLEAS and not Path(config).is_file():
+        typer.echo(f"report: {run_pleas_benchmark(out, cache_dir, parse_budgets(budgets))}")
+        return
+    run_experiment(experiment_config(config), out, cache_dir)
 
 
 @app.command("report")
 @friendly_errors
 def report_command(run_dir: Path = typer.Argument(..., help="a run folder written by `mergelab bench`")) -> None:
     """(Re)build the Markdown + HTML report of a run from its results store."""
-    from mergelab.bench.report import build_report
+    from mergelab.bench.report import build_report  # lazy: see the module's docstring
 
     paths = build_report(run_dir)
-    _print_main_table(run_dir)
+    print_main_table(run_dir)
     typer.echo(f"report: {paths['markdown']} (and {paths['html']})")
 
 
@@ -46,42 +55,69 @@ def demo_command(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="experts and features cache (default: XDG cache)"),
 ) -> None:
     """The embedded default: the offline MiniLM benchmark on four real text tasks (configs/demo.yaml)."""
-    from mergelab.bench.config import demo_config
-    from mergelab.bench.runner import run_benchmark
+    from mergelab.bench.config import demo_config  # lazy: see the module's docstring
 
-    report = run_benchmark(demo_config(), out, cache_dir, log=lambda msg: typer.echo(msg, err=True))
-    _print_main_table(out)
-    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+    run_experiment(demo_config(), out, cache_dir)
 
 
 @app.command("vision-bench")
 @friendly_errors
 def vision_bench_command(
     out: Path = typer.Option(Path("runs/vision"), "--out", help="output folder"),
-    budgets: str = typer.Option("1.0,1.2,1.5,2.0", "--budgets", help="PLeaS width budgets between 1.0 and 2.0"),
+    budgets: str = typer.Option(DEFAULT_BUDGETS, "--budgets", help="PLeaS width budgets between 1.0 and 2.0"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="features cache (default: XDG cache)"),
 ) -> None:
-    """PLeaS on two small CNNs trained from different inits (MNIST vs Fashion-MNIST); accuracy-vs-budget plot."""
-    from mergelab.core.errors import ConfigError
-    from mergelab.pleas.benchmark import run_vision_benchmark
+    """PLeaS on two small CNNs trained from different inits (MNIST vs Fashion-MNIST): `mergelab bench pleas`."""
+    typer.echo(f"report: {run_pleas_benchmark(out, cache_dir, parse_budgets(budgets))}")
 
+
+def experiment_config(name: str) -> ExperimentConfig:
+    """The experiment of ``name``: a YAML file, or a built-in one (``demo``, ``full``)."""
+    from mergelab.bench.config import BUILTIN_CONFIGS, builtin_config, load_experiment_config  # lazy: see above
+
+    if Path(name).is_file():
+        return load_experiment_config(name)
+    if name in BUILTIN_CONFIGS:
+        return builtin_config(name)
+    known = ", ".join((*BUILTIN_CONFIGS, PLEAS))
+    raise ConfigError(f"no experiment '{name}': no such YAML file, and no built-in one of that name ({known})")
+
+
+def run_experiment(cfg: ExperimentConfig, out: Path, cache_dir: Path | None) -> None:
+    """Run (or resume) ``cfg`` into ``out``, then print its main table and where the report is."""
+    from mergelab.bench.runner import run_benchmark  # lazy: see the module's docstring
+
+    report = run_benchmark(cfg, out, cache_dir, log=log_to_stderr)
+    print_main_table(out)
+    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+def run_pleas_benchmark(out: Path, cache_dir: Path | None, budgets: list[float]) -> Path:
+    """Run the PLeaS vision benchmark (``mergelab.bench.pleas_runner``) into ``out``; returns its report."""
+    try:  # lazy: see the module's docstring
+        from mergelab.bench.pleas_runner import run_pleas
+    except ModuleNotFoundError as exc:
+        if exc.name != "mergelab.bench.pleas_runner":
+            raise
+        raise ConfigError("the PLeaS benchmark runner (mergelab.bench.pleas_runner) is not part of this install") from None
+    return run_pleas(out, cache_dir, log=log_to_stderr, budgets=tuple(budgets))
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'1.0,1.5' → [1.0, 1.5]; anything else is a ConfigError."""
     try:
-        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+        return [float(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise ConfigError(f"--budgets must be comma-separated numbers, got '{budgets}'") from None
-    results = run_vision_benchmark(out, budgets=budget_list, log=lambda msg: typer.echo(msg, err=True))
-    table = Table(title="PLeaS vision benchmark: test accuracy (%)")
-    rows = results.get("rows", [])
-    columns = [k for k in (rows[0] if rows else {}) if k not in ("extras",)]
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*[f"{100 * row[c]:.1f}" if c.endswith("_acc") else str(row[c]) for c in columns])
-    console().print(table)
-    typer.echo(f"wall time {results.get('wall_time_s', 0):.0f} s; results.json, results.csv and accuracy_vs_budget.png in {out}")
+        raise ConfigError(f"--budgets must be comma-separated numbers, got '{text}'") from None
 
 
-def _print_main_table(run_dir: Path) -> None:
-    from mergelab.bench.report import config_methods, main_table, table_shots, task_order
+def log_to_stderr(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def print_main_table(run_dir: Path) -> None:
+    """The run's main table (every model's task accuracies and average) on the terminal."""
+    from mergelab.bench.report import config_methods, main_table, table_shots, task_order  # lazy: see above
     from mergelab.bench.store import ResultStore
 
     with ResultStore(Path(run_dir) / "results.sqlite") as store:

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mergelab import __version__
 from mergelab.core.errors import ConfigError, MergelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Merge fine-tuned models and evaluate them honestly.")
@@ -24,8 +25,17 @@ def console() -> Console:
     return console
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mergelab {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _quiet_libraries() -> None:
+def _quiet_libraries(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="print the version and exit"),  # fmt: skip
+) -> None:
     """Keep the terminal for mergelab's own progress: silence transformers' load reports and bars."""
     import os
 

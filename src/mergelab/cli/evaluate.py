@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from mergelab.cli.common import app, console, friendly_errors, pairs
+from mergelab.core.config import DEFAULT_MAX_LENGTH
+
+# The library (torch, the protocols) is imported when the command runs, as in the other command modules: importing
+# mergelab.evaluation.api takes ~3 s (measured), which `mergelab --help` and the other commands should not pay.
 
 
 @app.command("eval")
@@ -19,17 +25,16 @@ def eval_command(
     data: list[str] = typer.Option(..., "--data", help="TASK=PATH data folder or saved DatasetDict; repeat"),
     protocol: str = typer.Option("current,knn,ft_classifier", "--protocol", help="comma-separated protocols"),
     shots: str = typer.Option("5", "--shots", help="comma-separated shots per class"),
-    seeds: int = typer.Option(5, "--seeds", min=1),
+    num_seeds: int = typer.Option(5, "--num-seeds", "--seeds", min=1, help="seeds per seeded protocol and shot count"),
+    seed: int = typer.Option(0, "--seed", help="the first seed"),
     transforms: str = typer.Option("orthogonal,procrustes", "--transforms", help="aligned transform families"),
     out: Path = typer.Option(None, "--out", help="write the rows as a JSON list (atomically)"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="feature cache (default: XDG cache)"),
-    max_length: int = typer.Option(128, "--max-length", min=8),
+    max_length: int = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", min=2, help="tokens per input"),
 ) -> None:
     """Evaluate an encoder on tasks with the paper's protocols; prints tasks × protocols (mean ± std)."""
-
-    from mergelab.bench.report import aggregate, protocol_label
     from mergelab.core.errors import ConfigError
-    from mergelab.evaluate.api import evaluate
+    from mergelab.evaluation.api import evaluate
     from mergelab.io.writer import atomic_write_text
 
     try:
@@ -38,19 +43,35 @@ def eval_command(
         raise ConfigError(f"--shots must be comma-separated integers, got '{shots}'") from None
     rows = evaluate(
         merged, pairs(finetuned, "--finetuned"), pairs(data, "--data"),
-        protocols=[p.strip() for p in protocol.split(",") if p.strip()], shots=shot_list, seeds=seeds,
+        protocols=[p.strip() for p in protocol.split(",") if p.strip()], shots=shot_list, num_seeds=num_seeds, seed=seed,
         transforms=[t.strip() for t in transforms.split(",") if t.strip()], cache_dir=cache_dir,
         max_length=max_length,
     )  # fmt: skip
-    agg = aggregate([{**r, "method": r["model"]} for r in rows])
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    console().print(protocol_table(rows))
+    if out is not None:
+        records = [r if isinstance(r, Mapping) else r.to_dict() for r in rows]
+        atomic_write_text(out, json.dumps(records, indent=1, default=float))
+        typer.echo(f"wrote {len(rows)} rows to {out}")
+
+
+def protocol_table(rows: Iterable[Any]) -> Table:
+    """One line per (protocol, shots) in the order evaluated: each task's and the task average's mean ± std over
+    seeds, from the one summary (``mergelab.evaluation.results.summarize``); † marks transductive protocols."""
+    from mergelab.bench.report import protocol_label
+    from mergelab.bench.report.model import stat_cell
+    from mergelab.evaluation.results import as_rows, summarize
+
+    checked = as_rows({"method": r["model"], "params": {}, **r} if isinstance(r, Mapping) else r for r in rows)
+    summary = summarize(checked)
+    tasks = list(dict.fromkeys(r.task for r in checked))
+    lines = dict.fromkeys((r.model, r.method, r.protocol, r.shots) for r in checked)
     table = Table(title="accuracy (%) on test, mean ± std over seeds; † transductive")
     for column in ("protocol", "shots", *tasks, "Avg"):
         table.add_column(column)
-    for (_, _, name, k), cells in agg.items():
-        mark = " †" if any(r["transductive"] for r in rows if r["protocol"] == name) else ""
-        table.add_row(protocol_label(name) + mark, str(k), *[cells[c].text() if c in cells else "–" for c in (*tasks, "Avg")])
-    console().print(table)
-    if out is not None:
-        atomic_write_text(out, json.dumps(rows, indent=1, default=float))
-        typer.echo(f"wrote {len(rows)} rows to {out}")
+    for model, method, name, k in lines:
+        group = summary.find(model, method, name, k)
+        if group is None:
+            continue
+        mark = " †" if any(r.transductive for r in checked if r.protocol == name) else ""
+        table.add_row(protocol_label(name) + mark, str(k), *[stat_cell(group.get(c)).text for c in (*tasks, "average")])
+    return table

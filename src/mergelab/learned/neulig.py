@@ -17,6 +17,8 @@ models (unbiased std). Two outputs are compared per task (``evaluate_neulig``):
   (``"mean"``), then h_t(f(x; θ)).
 
 This is input-dependent merging, not one static model: every batch runs all K encoders and rebuilds the weights.
+Its settings are one model, :class:`NeuLigOptions` (used whole by ``learned.api.neulig_with_data``, `mergelab
+neulig` and the benchmark's ``neulig:`` section); the registry lists it as ``neulig`` (``NEULIG_SPEC``).
 """
 
 from __future__ import annotations
@@ -28,15 +30,54 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
+from mergelab.core.config import DEFAULT_MAX_LENGTH
 from mergelab.core.errors import ConfigError, DataError
-from mergelab.evaluate.protocols.common import seeded
+from mergelab.evaluation.protocols.common import seeded
 from mergelab.learned.adamerging import entropy
 from mergelab.learned.base import State
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 RouterLoss = Literal["ce", "entropy"]
 WeightsFrom = Literal["first", "mean"]
+
+
+class NeuLigOptions(MethodParams):
+    """Everything NeuLig is run with, besides the inputs' ``max_length`` (the defaults are the benchmark's)."""
+
+    loss: RouterLoss = Field(default="ce", description="CE on labels (sup) or entropy (semi)")
+    steps: int = Field(default=300, ge=1, description="Adam steps (round-robin over tasks, one batch per task each)")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate of the router")
+    batch_size: int = Field(default=128, ge=1, description="train features per task per router step")
+    train_examples: int | None = Field(default=512, ge=1, description="train inputs per task for the router")
+    weights_from: list[WeightsFrom] = Field(
+        default_factory=lambda: ["first", "mean"], min_length=1,
+        description="merge weights of a test batch: its first item's (reference code) and/or the batch mean",
+    )  # fmt: skip
+    eval_batch_size: int = Field(default=16, ge=1, description="test items per merged model (one task per batch)")
+    test_examples: int | None = Field(default=None, ge=1, description="first N test items per task (None: all)")
+    regulariser_scale: float = Field(default=100.0, gt=0, description="divisor of the ξ regulariser")
+    seed: int = Field(default=0, description="seed of the router's init, batches and train-input sample")
+
+    @field_validator("weights_from", mode="before")
+    @classmethod
+    def _one_rule_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+NEULIG_SPEC = MethodSpec(
+    "neulig",
+    "NeuLig: a router over the experts' features picks merge weights per test batch (input-dependent merging)",
+    NeuLigOptions,
+    reads="train",
+    needs_labels=True,
+    runs="in_memory",
+    needs_base=False,
+    produces="router",
+    run_with="`mergelab neulig`; mergelab.learned.api.neulig_with_data(models, data, options)",
+)
 
 
 class Portland(nn.Module):
@@ -192,7 +233,7 @@ class NeuLigTask:
 
 
 def expert_features(
-    encoders: Sequence[Any], texts: Sequence[str], max_length: int = 64, batch_size: int = 32
+    encoders: Sequence[Any], texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32
 ) -> list[torch.Tensor]:
     """Each ``TextEncoder``'s features [N, d] of ``texts`` (the cacheable input of the router)."""
     return [encoder.encode_texts(list(texts), max_length=max_length, batch_size=batch_size) for encoder in encoders]
@@ -205,7 +246,7 @@ def evaluate_neulig(
     tasks: Mapping[str, NeuLigTask],
     weights_from: WeightsFrom = "first",
     batch_size: int = 16,
-    max_length: int = 64,
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> dict[str, dict[str, Any]]:
     """Per task: ensembling accuracy, merging accuracy and their gap, on consecutive batches of ``batch_size`` items
     in data order. ``encoder`` is a scratch ``TextEncoder`` of the experts' architecture (its weights are replaced

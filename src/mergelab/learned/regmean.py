@@ -23,7 +23,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from mergelab.core.config import DEFAULT_MAX_LENGTH
 from mergelab.core.errors import DataError
+from mergelab.core.sampling import uniform_subset
 from mergelab.learned.base import (
     DataMergeMethod,
     ExpertSet,
@@ -31,10 +33,10 @@ from mergelab.learned.base import (
     assemble,
     check_layouts,
     float_names,
-    sample_indices,
     tokenize,
 )
-from mergelab.merging.base import MethodParams
+from mergelab.learned.experts import expert_set_from_texts
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 RIDGE = 1e-6
 
@@ -158,11 +160,14 @@ class RegMeanParams(MethodParams):
 class RegMean(DataMergeMethod):
     """RegMean: closed-form least squares per Linear layer from each expert's input Grams (module doc)."""
 
-    name = "regmean"
-    summary = "RegMean: closed-form least squares per Linear layer from the experts' input Grams; the rest averaged"
-    Params = RegMeanParams
+    spec = MethodSpec(
+        "regmean",
+        "RegMean: closed-form least squares per Linear layer from the experts' input Grams; the rest averaged",
+        RegMeanParams,
+        reads="train",
+        runs="in_memory",
+    )
     params: RegMeanParams
-    split = "train"
 
     def merge(self, experts: ExpertSet) -> State:
         base = experts.base_encoder().model.state_dict()
@@ -170,7 +175,7 @@ class RegMean(DataMergeMethod):
         check_layouts(base, states, experts.tasks)
         accumulator = RegMeanAccumulator(base, self.params.alpha)
         for index, (expert, state) in enumerate(zip(experts.experts, states, strict=True)):
-            chosen = sample_indices(len(expert.texts), self.params.num_examples, experts.seed + index)
+            chosen = uniform_subset(len(expert.texts), self.params.num_examples, experts.seed + index).tolist()
             if not chosen:
                 raise DataError(f"task '{expert.task}' has no inputs to compute RegMean Grams from")
             texts = [expert.texts[i] for i in chosen]
@@ -187,14 +192,12 @@ def regmean(
     texts: Sequence[Sequence[str]],
     alpha: float = 0.95,
     num_examples: int = 256,
-    max_length: int = 64,
+    max_length: int = DEFAULT_MAX_LENGTH,
     batch_size: int = 32,
     seed: int = 0,
 ) -> State:
     """RegMean of HF classifier folders, each expert's Grams from its own unlabelled ``texts`` (convenience wrapper)."""
-    from mergelab.learned.api import expert_set_from_texts
-
     experts = expert_set_from_texts(
         base_path, expert_paths, texts, max_length=max_length, batch_size=batch_size, seed=seed
     )
-    return RegMean(RegMeanParams(alpha=alpha, num_examples=num_examples)).merge(experts)
+    return RegMean(RegMeanParams(alpha=alpha, num_examples=num_examples), len(expert_paths)).merge(experts)

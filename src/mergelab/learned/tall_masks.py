@@ -7,13 +7,15 @@ labelled **validation** data, as the official code does.
   ``lambdas`` = {0.2, 0.3, 0.4, 0.5, 0.6} chosen per task by the validation accuracy of θ̂_t = θ₀ + m_t ⊙ τ_MTL
   through task t's head (ties go to the first λ listed).
 * ``tall_masks_reconstruct``: one reconstructed model θ̂_t **per task** (compression / task localisation). This is
-  not a single merged model and must not be reported as one.
+  not a single merged model and must not be reported as one; the registry lists it as ``tall_masks``
+  (``TALL_MASKS_SPEC``, run by ``mergelab.learned.api.tall_masks_with_data``).
 * Consensus (method ``tall_consensus``): M = 1[Σ_t m_t ≥ k] (k = ``min_tasks``, default 2 drops weights no task or only
   one task relies on), θ = θ₀ + α (M ⊙ τ_MTL); α (``scale``) defaults to 1.0 and is chosen on validation by the
   benchmark's grid like any other parameter.
 
 The weight-space method ``consensus`` (``mergelab.merging``) uses one fixed λ for every task and no data; this one is
-the official per-task selection. Cost: ``len(lambdas)`` × T validation passes of the encoder.
+the official per-task selection. Both use the mask functions of ``mergelab.merging.ops`` (``tall_mask``,
+``consensus_mask``). Cost: ``len(lambdas)`` × T validation passes of the encoder.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from mergelab.learned.base import (
     State,
     assemble,
     check_layouts,
+    expert_task_vectors,
     float_names,
-    task_vectors,
-    ties_multitask_vector,
 )
-from mergelab.merging.base import MethodParams
+from mergelab.merging.ops import consensus_mask, tall_mask, ties_multitask_vector
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 BaseMerge = Literal["task_arithmetic", "ties"]
 TALL_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -51,16 +53,16 @@ def multitask_vector(
     return {n: torch.stack([t[n].float() for t in taus]).sum(0) for n in taus[0]}
 
 
-def tall_mask(
+def model_tall_mask(
     tau: Mapping[str, torch.Tensor], tau_mtl: Mapping[str, torch.Tensor], lam: float
 ) -> dict[str, torch.Tensor]:
-    """m = 1[|τ_t| > λ |τ_MTL − τ_t|] per tensor (boolean)."""
-    return {n: tau[n].abs() > lam * (tau_mtl[n] - tau[n]).abs() for n in tau}
+    """Task t's TALL mask over a whole model: ``ops.tall_mask`` tensor by tensor."""
+    return {n: tall_mask(tau[n], tau_mtl[n], lam) for n in tau}
 
 
-def consensus_mask(masks: Sequence[Mapping[str, torch.Tensor]], min_tasks: int) -> dict[str, torch.Tensor]:
-    """M = 1[Σ_t m_t ≥ k] per tensor."""
-    return {n: torch.stack([m[n] for m in masks]).sum(0) >= min_tasks for n in masks[0]}
+def model_consensus_mask(masks: Sequence[Mapping[str, torch.Tensor]], min_tasks: int) -> dict[str, torch.Tensor]:
+    """The consensus mask over whole models: ``ops.consensus_mask`` tensor by tensor."""
+    return {n: consensus_mask([m[n] for m in masks], min_tasks) for n in masks[0]}
 
 
 def apply_mask(
@@ -107,7 +109,7 @@ class TallMasks:
 
     def consensus(self, min_tasks: int = 2, scale: float = 1.0) -> State:
         """θ₀ + α (1[Σ_t m_t ≥ k] ⊙ τ_MTL)."""
-        return apply_mask(self.base, consensus_mask(list(self.masks.values()), min_tasks), self.tau_mtl, scale)
+        return apply_mask(self.base, model_consensus_mask(list(self.masks.values()), min_tasks), self.tau_mtl, scale)
 
 
 def compute_tall_masks(
@@ -124,7 +126,7 @@ def compute_tall_masks(
     states = experts.expert_states()
     check_layouts(base, states, experts.tasks)
     names = float_names(base)
-    taus = task_vectors(base, states, names)
+    taus = expert_task_vectors(base, states, names)
     tau_mtl = multitask_vector(taus, base_merge, density)
     masks, chosen, accuracies = {}, {}, {}
     for expert, tau in zip(experts.experts, taus, strict=True):
@@ -133,7 +135,7 @@ def compute_tall_masks(
         accuracies[expert.task] = {}
         best_accuracy = -1.0
         for lam in lambdas:
-            mask = tall_mask(tau, tau_mtl, lam)
+            mask = model_tall_mask(tau, tau_mtl, lam)
             acc = validation_accuracy(
                 encoder,
                 apply_mask(base, mask, tau_mtl),
@@ -160,9 +162,9 @@ def tall_masks_reconstruct(
     return {task: result.reconstruct(task) for task in experts.tasks}
 
 
-class TallConsensusParams(MethodParams):
-    min_tasks: int = Field(2, ge=0, description="keep weights in at least k tasks' TALL masks (official prun_thre_k 2)")
-    scale: float = Field(1.0, ge=0.0, le=10.0, description="α on the masked multi-task vector (choose on validation)")
+class TallMasksParams(MethodParams):
+    """How the TALL masks are chosen (shared by the reconstruction and ``tall_consensus``)."""
+
     base_merge: BaseMerge = Field("task_arithmetic", description="τ_MTL: task-arithmetic sum or TIES dis-sum (K=20)")
     density: float = Field(0.2, gt=0.0, le=1.0, description="TIES base_merge only: fraction of |τ| kept")
     lambdas: tuple[float, ...] = Field(TALL_LAMBDAS, description="candidate λ_t of the TALL masks (official 0.2..0.6)")
@@ -175,16 +177,36 @@ class TallConsensusParams(MethodParams):
         return value
 
 
+class TallConsensusParams(TallMasksParams):
+    min_tasks: int = Field(2, ge=0, description="keep weights in at least k tasks' TALL masks (official prun_thre_k 2)")
+    scale: float = Field(1.0, ge=0.0, le=10.0, description="α on the masked multi-task vector (choose on validation)")
+
+
+TALL_MASKS_SPEC = MethodSpec(
+    "tall_masks",
+    "TALL masks: one reconstructed model θ₀ + m_t ⊙ τ_MTL per task, λ_t chosen on validation (compression)",
+    TallMasksParams,
+    reads="validation",
+    needs_labels=True,
+    runs="in_memory",
+    produces="per_task_models",
+    run_with="mergelab.learned.api.tall_masks_with_data(base, models, data, options)",
+)
+
+
 class TallConsensus(DataMergeMethod):
     """Consensus merging with per-task TALL masks chosen on labelled validation data (module doc)."""
 
-    name = "tall_consensus"
-    summary = "Consensus merging: TALL masks with λ_t per task chosen on validation, keep weights of ≥ k tasks"
-    Params = TallConsensusParams
+    spec = MethodSpec(
+        "tall_consensus",
+        "Consensus merging: TALL masks with λ_t per task chosen on validation, keep weights of ≥ k tasks",
+        TallConsensusParams,
+        reads="validation",
+        needs_labels=True,
+        runs="in_memory",
+        min_models=2,
+    )
     params: TallConsensusParams
-    split = "validation"
-    needs_labels = True
-    min_models = 2
 
     def merge(self, experts: ExpertSet) -> State:
         p = self.params
@@ -194,7 +216,7 @@ class TallConsensus(DataMergeMethod):
         if key not in memo:  # the masks and λ_t do not depend on min_tasks or scale
             memo[key] = compute_tall_masks(experts, p.lambdas, p.base_merge, p.density)
         result = memo[key]
-        mask = consensus_mask(list(result.masks.values()), p.min_tasks)
+        mask = model_consensus_mask(list(result.masks.values()), p.min_tasks)
         kept = sum(int(m.sum()) for m in mask.values())
         total = sum(m.numel() for m in mask.values())
         self.info = {

@@ -1,1 +1,2 @@
-"""Weight-space merging: method registry, streaming engine, and the public ``merge`` API."""
+"""Weight-space merging: the method contract (``spec``, ``base``), the methods, the tensor maths (``ops``) and the
+streaming engine (``engine``, ``api.merge_streaming``). The registry and ``mergelab.merge`` live in ``mergelab.api``."""

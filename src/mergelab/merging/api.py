@@ -1,11 +1,14 @@
-"""``mergelab.merge``: the Python entry point to the streaming merge engine."""
+"""The streaming route of ``mergelab.merge``: checkpoints in, one merged checkpoint out, one tensor at a time.
+
+``mergelab.api.merge`` builds the method from the registry and calls :func:`merge_streaming` for methods that run
+``"streaming"``; this module knows nothing of method names.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -13,8 +16,8 @@ from mergelab.core.errors import ConfigError
 from mergelab.io.adapter import shared_base
 from mergelab.io.reader import CheckpointReader, open_checkpoint
 from mergelab.io.writer import ShardedWriter, atomic_folder, check_target, copy_side_files, parse_size
+from mergelab.merging.base import MergeMethod
 from mergelab.merging.engine import ProgressCallback, plan_merge, stream_merge
-from mergelab.merging.registry import build_method
 from mergelab.merging.selection import DEFAULT_EXCLUDE, TensorSelection
 
 Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | CheckpointReader
@@ -38,8 +41,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def merge(
-    method: str,
+def merge_streaming(
+    method: MergeMethod,
     base: Source | None,
     models: Sequence[Source],
     out: str | os.PathLike[str] | None = None,
@@ -51,9 +54,8 @@ def merge(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressCallback | None = None,
-    **params: Any,
 ) -> dict[str, torch.Tensor] | Path:
-    """Merge ``models`` (fine-tunes of ``base``) with ``method`` and its ``params``.
+    """Merge ``models`` (fine-tunes of ``base``) with the built streaming ``method``.
 
     ``base`` and ``models`` are HF folders, weight files, in-memory state dicts or readers; a model may also be a
     PEFT LoRA adapter folder, applied to ``base`` (or, with no ``base``, to its own local
@@ -61,7 +63,6 @@ def merge(
     layout) is returned; otherwise it is written atomically to ``out`` as sharded safetensors plus the base's config
     and tokenizer files, and the path is returned.
     """
-    merge_method = build_method(method, params, len(models))
     out_dtype = parse_dtype(dtype)
     if out is not None:
         check_target(Path(out), force)
@@ -70,7 +71,7 @@ def merge(
     if base_reader is None:  # LoRA adapters name their base: merge onto it
         base_reader = shared_base(readers)
     plan = plan_merge(base_reader, readers, TensorSelection(tuple(include), tuple(exclude)), out_dtype)
-    stream = stream_merge(merge_method, plan, allow_nonfinite=allow_nonfinite, progress=progress)
+    stream = stream_merge(method, plan, allow_nonfinite=allow_nonfinite, progress=progress)
     if out is None:
         return dict(stream)
     with atomic_folder(Path(out), force) as tmp:

@@ -1,4 +1,4 @@
-"""The contract every merging method implements.
+"""The contract of the streaming (weight-space) merging methods.
 
 A method sees one tensor at a time (the base tensor and the T fine-tuned tensors, all float32, same shape)
 and returns the merged tensor. Methods that need whole-model statistics (e.g. TIES with a global top-k)
@@ -6,20 +6,19 @@ declare ``num_stat_passes() > 0``: the engine then streams every selected tensor
 per pass (calling ``end_pass`` after each) before the merging pass. Nothing here holds a whole model.
 
 The tensors handed to ``observe`` and ``merge_tensor`` are fresh float32 copies owned by the method: it may
-overwrite them in place (e.g. turn θ_t into τ_t with ``sub_``) to keep peak memory near (T + 2) tensors, and it
-works on large tensors in chunks (``CHUNK`` entries) so that temporaries stay small.
+overwrite them in place (e.g. turn θ_t into τ_t with ``task_vectors(..., in_place=True)``) to keep peak memory near
+(T + 2) tensors, and it works on large tensors in chunks (``CHUNK`` entries) so that temporaries stay small.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from mergelab.core.errors import ConfigError
+from mergelab.merging.spec import Method
 
 CHUNK = 1 << 22  # entries per chunk for elementwise work on large tensors (16 MB of float32)
 
@@ -29,29 +28,9 @@ def chunk_slices(numel: int, chunk: int = CHUNK) -> list[slice]:
     return [slice(start, min(start + chunk, numel)) for start in range(0, numel, chunk)] or [slice(0, 0)]
 
 
-class MethodParams(BaseModel):
-    """Base for a method's parameters: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
-
-
-class MergeMethod(ABC):
-    """A merging method: ``Params`` declares its parameters; ``merge_tensor`` does the maths per tensor."""
-
-    name: ClassVar[str]
-    summary: ClassVar[str]
-    Params: ClassVar[type[MethodParams]]
-    needs_base: ClassVar[bool] = True
-    min_models: ClassVar[int] = 1
-    transductive: ClassVar[bool] = False
-
-    def __init__(self, params: MethodParams, num_models: int) -> None:
-        if num_models < self.min_models:
-            raise ConfigError(
-                f"method '{self.name}' needs at least {self.min_models} fine-tuned models, got {num_models}"
-            )
-        self.params = params
-        self.num_models = num_models
+class MergeMethod(Method, ABC):
+    """A streaming method: its ``spec`` (``runs="streaming"``, ``reads="nothing"``) declares it; ``merge_tensor``
+    does the maths per tensor."""
 
     def num_stat_passes(self) -> int:
         """How many statistics passes over all tensors the method needs before merging (default 0)."""

@@ -101,7 +101,7 @@ def _load_float(reader: CheckpointReader, name: str, allow_nonfinite: bool) -> t
 
 
 def _inputs(plan: MergePlan, method: MergeMethod, name: str, allow_nonfinite: bool):
-    base = _load_float(plan.base, name, allow_nonfinite) if (plan.base is not None and method.needs_base) else None
+    base = _load_float(plan.base, name, allow_nonfinite) if (plan.base is not None and method.spec.needs_base) else None
     models = [_load_float(m, name, allow_nonfinite) for m in plan.models]
     return base, models
 
@@ -113,7 +113,7 @@ def stream_merge(
     progress: ProgressCallback | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every output tensor in plan order, merging the selected ones."""
-    if method.needs_base and plan.base is None:
+    if method.spec.needs_base and plan.base is None:
         raise CheckpointError(f"method '{method.name}' needs the pretrained base checkpoint; pass --base")
     names = plan.merged_names
     passes = method.num_stat_passes()

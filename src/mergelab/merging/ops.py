@@ -1,8 +1,12 @@
 """Small pure tensor functions shared by the merging methods.
 
+* Task vectors τ_t = θ_t − θ₀ (in place for the streaming engine's owned copies, or as new tensors).
 * TIES: the two trim rules (global: FusionBench's k-th value threshold; per tensor: mergekit's exact top-count),
-  trimming, sign election, zero-sign resolution, disjoint merge.
-* An exact streaming k-th smallest value over float32 magnitudes (two radix passes over the bit patterns).
+  trimming, sign election, zero-sign resolution, sign agreement, disjoint merge, and the whole-model TIES-selected
+  vectors (AdaMerging++, TALL masks over TIES).
+* TALL masks and the consensus mask (Consensus merging, ``tall_consensus``, TALL-mask reconstructions).
+* One exact k-th smallest |x| routine family over float32 magnitudes (two radix passes over the bit patterns):
+  ``radix_select`` and the two views of it, ``kth_smallest_magnitude`` (per row) and ``kth_smallest_magnitude_count``.
 * DARE: a drop mask that is a deterministic function of (seed, model index, tensor name).
 * CART: truncated SVD with a rank from a ratio of min(m, n) or from an energy (σ²) share.
 
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -32,26 +36,15 @@ def require_base(base: torch.Tensor | None, method: str) -> torch.Tensor:
     return base
 
 
-def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """τ_t = θ_t − θ₀ for every model, computed in place: the engine's input tensors are owned by the method."""
-    return [m.sub_(base) for m in models]
+def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], *, in_place: bool = False) -> list[torch.Tensor]:
+    """τ_t = θ_t − θ₀ (float32) for every model.
 
-
-def kth_smallest_magnitude_flat(values: torch.Tensor, k: int, chunk: int = 1 << 22) -> torch.Tensor:
-    """Exact k-th smallest |x| (1-indexed) of one tensor, by radix selection over chunks (small temporaries)."""
-    return kth_smallest_magnitude_count(values, k, chunk)[0]
-
-
-def kth_smallest_magnitude_count(values: torch.Tensor, k: int, chunk: int = 1 << 22) -> tuple[torch.Tensor, int]:
-    """(κ, m): the exact k-th smallest |x| (1-indexed) of one float32 tensor and the number m of entries whose
-    |x| is not below κ, both from the same two radix passes (m = n − k + the rank of κ among its equals)."""
-    flat = values.reshape(-1)
-    pieces = [flat[i : i + chunk] for i in range(0, flat.numel(), chunk)]
-    high = sum(radix_histogram([p]) for p in pieces)
-    high_bins, within = locate_rank(high, torch.tensor([k]))
-    low = sum(radix_histogram([p], high_bins) for p in pieces)
-    low_bins, rank_among_equals = locate_rank(low, within)
-    return bits_to_float(high_bins, low_bins)[0], flat.numel() - k + int(rank_among_equals[0])
+    ``in_place=True`` overwrites the (float32) model tensors with their task vectors: the streaming engine's inputs
+    are fresh copies owned by the method, and this keeps its peak memory near (T + 2) tensors.
+    """
+    if in_place:
+        return [m.sub_(base) for m in models]
+    return [m.float() - base.float() for m in models]
 
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -172,13 +165,74 @@ def resolve_zero_signs(signs: torch.Tensor, majority: float) -> torch.Tensor:
     return torch.where(signs == 0, torch.tensor(majority, dtype=signs.dtype), signs)
 
 
+def sign_agreement(trimmed: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the non-zero entries of each row whose sign agrees with γ."""
+    return ((trimmed > 0) & (signs > 0)) | ((trimmed < 0) & (signs < 0))
+
+
 def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor, mode: Literal["sum", "mean"]) -> torch.Tensor:
     """Sum (or mean over max(count, 1)) of the non-zero entries whose sign agrees with γ."""
-    agree = ((trimmed > 0) & (signs > 0)) | ((trimmed < 0) & (signs < 0))
+    agree = sign_agreement(trimmed, signs)
     total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype)).sum(0)
     if mode == "sum":
         return total
     return total / agree.sum(0).clamp(min=1).to(trimmed.dtype)
+
+
+class _Stacked(Sequence[torch.Tensor]):
+    """``[T, numel]`` stacks of one tensor name at a time, built on access (no T×P copy held at once)."""
+
+    def __init__(self, taus: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> None:
+        self.taus, self.names = taus, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= index < len(self.names):
+            raise IndexError(index)
+        return torch.stack([t[self.names[index]].float().reshape(-1) for t in self.taus])
+
+
+def ties_selected_vectors(
+    taus: Sequence[Mapping[str, torch.Tensor]], density: float = 0.2
+) -> list[dict[str, torch.Tensor]]:
+    """TIES ``selected_entries`` of whole models: trim each τ_t to its global top-``density`` magnitudes (over all
+    its tensors, the global rule), elect γ = sign(Σ_t τ̂_t) with zero signs set to the global majority, keep the
+    entries agreeing with γ. Σ_t of the result is the TIES dis-sum multi-task vector; AdaMerging++ learns
+    coefficients on the result."""
+    names = list(taus[0])
+    stacks = _Stacked(taus, names)
+    k = trim_rank(sum(taus[0][n].numel() for n in names), density)
+    thresholds = kth_smallest_magnitude(stacks, k) if k >= 1 else torch.zeros(len(taus))
+    majority = majority_sign(sum(sign_total(elect_signs(trim(chunk, thresholds))) for chunk in stacks))
+    out: list[dict[str, torch.Tensor]] = [{} for _ in taus]
+    for name, chunk in zip(names, stacks, strict=True):
+        trimmed = trim(chunk, thresholds)
+        agree = sign_agreement(trimmed, resolve_zero_signs(elect_signs(trimmed), majority))
+        kept = torch.where(agree, trimmed, torch.zeros(()))
+        for t, tau in enumerate(taus):
+            out[t][name] = kept[t].reshape(tau[name].shape).clone()
+    return out
+
+
+def ties_multitask_vector(taus: Sequence[Mapping[str, torch.Tensor]], density: float = 0.2) -> dict[str, torch.Tensor]:
+    """The TIES dis-sum multi-task vector Σ_t selected_t (K = 20 ⇔ ``density`` 0.2)."""
+    selected = ties_selected_vectors(taus, density)
+    return {n: torch.stack([s[n] for s in selected]).sum(0) for n in taus[0]}
+
+
+# ---------------------------------------------------------------------------------------------------- TALL masks
+
+
+def tall_mask(tau: torch.Tensor, multitask: torch.Tensor, tall_lambda: float) -> torch.Tensor:
+    """TALL mask of one task: m_t = 1[|τ_t| > λ · |τ_MTL − τ_t|] (strict, as the official code)."""
+    return tau.abs() > tall_lambda * (multitask - tau).abs()
+
+
+def consensus_mask(masks: Sequence[torch.Tensor], min_tasks: int) -> torch.Tensor:
+    """M = 1[Σ_t m_t ≥ k]: the weights at least ``min_tasks`` tasks' TALL masks keep."""
+    return torch.stack(list(masks)).sum(0) >= min_tasks
 
 
 # ---------------------------------------------------------------------------------------------------- radix select
@@ -228,22 +282,39 @@ def bits_to_float(high_bins: torch.Tensor, low_bins: torch.Tensor) -> torch.Tens
     return bits.to(torch.int32).view(torch.float32)
 
 
-def kth_smallest_magnitude(chunks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    """Exact k-th smallest |x| (1-indexed) per row over the concatenation of ``chunks`` (each ``[T, ...]``).
+def radix_select(chunks: Sequence[torch.Tensor], ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row t: the exact ``ranks[t]``-th smallest |x| (1-indexed) over the concatenation of ``chunks`` (each
+    ``[T, ...]``), and its rank among the entries equal to it.
 
     Two streaming passes over the chunks: high 16 bits, then low 16 bits inside the selected high bin. Memory is
-    two ``[T, 65536]`` histograms besides the current chunk.
+    two ``[T, 65536]`` histograms besides the current chunk. (TIES' global scope runs the same two passes as engine
+    statistics passes, with the same ``radix_histogram`` / ``locate_rank`` / ``bits_to_float`` steps.)
     """
     rows = chunks[0].shape[0]
     high_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
     for chunk in chunks:
         high_hist += radix_histogram(chunk)
-    high_bins, within = locate_rank(high_hist, torch.full((rows,), k, dtype=torch.int64))
+    high_bins, within = locate_rank(high_hist, ranks)
     low_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
     for chunk in chunks:
         low_hist += radix_histogram(chunk, high_bins)
-    low_bins, _ = locate_rank(low_hist, within)
-    return bits_to_float(high_bins, low_bins)
+    low_bins, rank_among_equals = locate_rank(low_hist, within)
+    return bits_to_float(high_bins, low_bins), rank_among_equals
+
+
+def kth_smallest_magnitude(chunks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """Exact k-th smallest |x| (1-indexed) per row over the concatenation of ``chunks`` (each ``[T, ...]``)."""
+    rows = chunks[0].shape[0]
+    return radix_select(chunks, torch.full((rows,), k, dtype=torch.int64))[0]
+
+
+def kth_smallest_magnitude_count(values: torch.Tensor, k: int, chunk: int = 1 << 22) -> tuple[torch.Tensor, int]:
+    """(κ, m): the exact k-th smallest |x| (1-indexed) of one float32 tensor and the number m of entries whose
+    |x| is not below κ, both from the same two radix passes (m = n − k + the rank of κ among its equals)."""
+    flat = values.reshape(-1)
+    pieces = [flat[i : i + chunk].unsqueeze(0) for i in range(0, flat.numel(), chunk)]
+    kappa, rank_among_equals = radix_select(pieces, torch.tensor([k]))
+    return kappa[0], flat.numel() - k + int(rank_among_equals[0])
 
 
 # ---------------------------------------------------------------------------------------------------- DARE

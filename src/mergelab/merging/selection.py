@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mergelab.core.errors import ConfigError
+
 DEFAULT_EXCLUDE = (r"(^|\.)classifier\.", r"(^|\.)score\.", r"(^|\.)pre_classifier\.")
 
 
@@ -19,8 +21,6 @@ class TensorSelection:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
 
     def __post_init__(self) -> None:
-        from mergelab.core.errors import ConfigError
-
         for pattern in (*self.include, *self.exclude):
             try:
                 re.compile(pattern)

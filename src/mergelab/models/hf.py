@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergelab.core.config import DEFAULT_MAX_LENGTH
 from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.models.split import ROBERTA_LIKE, Architecture, refuse, structural_split, verified_split
 from mergelab.models.task_model import TaskModel, check_label_names
@@ -196,7 +197,7 @@ class TextEncoder(nn.Module):
         return min(int(requested), max_positions(self.model.config))
 
     @torch.no_grad()  # not inference_mode: protocols train heads on these features afterwards
-    def encode_texts(self, texts: list[str], max_length: int = 128, batch_size: int = 64,
+    def encode_texts(self, texts: list[str], max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64,
                      progress: Callable[[int], None] | None = None) -> torch.Tensor:  # fmt: skip
         """float32 features [N, d] of ``texts`` in order, in eval mode without gradients.
 

@@ -3,16 +3,18 @@ model of 1× to 2× width, by partial permutation matching and layer-wise least 
 
 Pipeline (algorithms.md §13): ``match`` (activations or weights) → ``allocate_separate_units``
 (FLOPs budget) → ``partial_merge`` → ``least_squares_`` → ``reestimate_batchnorm_``;
-``pleas_merge`` runs all of it. ``run_vision_benchmark`` is the offline MNIST / Fashion-MNIST benchmark.
+``pleas_merge`` runs all of it (settings in ``PleasOptions``). ``pleas.evaluation`` lifts the original heads into
+the merged layout so the shared protocols (``mergelab.evaluation``) score merged models; ``vision_data`` loads the
+offline MNIST / Fashion-MNIST data. The benchmark is ``mergelab.bench.pleas_runner.run_pleas``.
 """
 
 from mergelab.pleas.batchnorm import reestimate_batchnorm_
-from mergelab.pleas.benchmark import run_vision_benchmark
-from mergelab.pleas.evaluation import kl_head_accuracy, linear_probe_accuracy
+from mergelab.pleas.evaluation import Teacher, evaluate_cells, features_of, lift_features, lift_head
 from mergelab.pleas.least_squares import least_squares_
 from mergelab.pleas.matching import Matching, activation_matching, identity_matching, weight_matching
 from mergelab.pleas.merge import PleasResult, match, pleas_merge
 from mergelab.pleas.models import MLP, SmallResNet
+from mergelab.pleas.options import PleasOptions
 from mergelab.pleas.partial import (
     GroupSplit,
     allocate_separate_units,
@@ -29,16 +31,20 @@ __all__ = [
     "GroupSplit",
     "Matching",
     "PermutationSpec",
+    "PleasOptions",
     "PleasResult",
     "SmallResNet",
+    "Teacher",
     "activation_matching",
     "allocate_separate_units",
+    "evaluate_cells",
+    "features_of",
     "flops_ratio",
     "identity_matching",
-    "kl_head_accuracy",
     "layer_macs",
     "least_squares_",
-    "linear_probe_accuracy",
+    "lift_features",
+    "lift_head",
     "load_fashion_mnist",
     "load_mnist_subset",
     "match",
@@ -47,7 +53,6 @@ __all__ = [
     "pleas_merge",
     "reestimate_batchnorm_",
     "resnet_spec",
-    "run_vision_benchmark",
     "spec_for",
     "split_groups",
     "weight_matching",

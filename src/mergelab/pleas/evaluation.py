@@ -1,145 +1,141 @@
-"""Per-task evaluation of merged features when the label spaces differ (heads are refit, never merged).
+"""Evaluating PLeaS-merged models with the shared protocols (``mergelab.evaluation``) on cached features.
 
-* Linear probe: a linear head trained with labels (all, or ``shots`` per class) on the merged features.
-* KL head refit (FT-Classifier style): a linear head trained WITHOUT labels to match the original model's
-  head on the same inputs, i.e. min KL(softmax(teacher / T) ‖ softmax(head(f) / T)) over unlabelled inputs.
+The label spaces of A and B differ, so the heads are left out of the merge and every protocol scores the merged
+features per task against the original model that owns the task (its *teacher*). The protocols expect one head for
+both the evaluated and the teacher features; a merged model's features have the layout
+``[merged (n − s) | A-only (s) | B-only (s)]`` of its feature group (``spec.feature_group``), so the teacher's head
+and features are *lifted* into that layout (``lift_head``, ``lift_features``): the teacher's units go to the
+positions its matched / separate units occupy, the other model's separate block gets zeros. The lifted head on the
+lifted features gives exactly the original logits, so
 
-Both standardise features with training statistics and train full-batch with L-BFGS plus an L2 penalty.
+* ``current`` is the original head on the merged features (Current Eval, through the matching),
+* ``ft_classifier`` refits a copy of that head on unlabelled train inputs by KL to the original model's outputs,
+* ``linear_probe`` trains a fresh linear head with labels (the head only fixes the class count).
+
+An original model on its own task has the identity layout; the side-by-side ensemble ``[A | B]`` has the
+all-separate one. Features come from ``evaluate.features.FeatureCache``, keyed by a content fingerprint of the model
+(architecture and weights) and of the task's images: each (model, split) is extracted once.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mergelab.core.errors import ConfigError, DataError
-from mergelab.pleas.common import iter_batches
+from mergelab.core.errors import ConfigError
+from mergelab.evaluation.features import FeatureCache
+from mergelab.evaluation.protocols.common import ProtocolContext, ProtocolOutcome
+from mergelab.evaluation.protocols.registry import run_protocol
+from mergelab.evaluation.types import SplitFeatures, TaskFeatures
+from mergelab.io.fingerprint import state_dict_fingerprint
+from mergelab.pleas.partial import GroupSplit
+from mergelab.pleas.vision_data import VisionTask
+
+Side = Literal["a", "b"]
+FEATURE_KIND = "pleas-features"  # the feature-cache kind: the input of the task head (``model.features``)
+Cell = tuple[str, str, dict[str, Any], int, int]  # (stored name, protocol, options, seed, shots)
 
 
-def extract_features(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """``model.features(x)`` if the model has it (originals), else ``model(x)`` (merged, head = Identity)."""
-    model.eval()
-    fn = getattr(model, "features", model)
+class FeatureModule(nn.Module):
+    """``model.features`` as a module mapping a batch to [B, d] (what the feature cache runs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Content fingerprint of a model: its architecture (``repr``: strides, widths) and every tensor."""
+    return hashlib.sha256(f"{model!r}|{state_dict_fingerprint(model.state_dict())}".encode()).hexdigest()
+
+
+def features_of(cache: FeatureCache, model: nn.Module, task: VisionTask, batch_size: int = 256) -> TaskFeatures:
+    """Features (``model.features``, or the output of a merged model whose head is ``nn.Identity``) of ``model``
+    on the task's train and test splits, read from ``cache`` or extracted once and stored."""
+    encoder = FeatureModule(model) if hasattr(model, "features") else model
+    return cache.features(encoder, model_fingerprint(model), task, splits=("train", "test"), batch_size=batch_size,
+                          kind=FEATURE_KIND)  # fmt: skip
+
+
+def identity_split(width: int) -> GroupSplit:
+    """The layout of an original model's own features: every unit merged with the same index of the other."""
+    units, empty = torch.arange(width), torch.zeros(0, dtype=torch.long)
+    return GroupSplit(merged_a=units, merged_b=units.clone(), only_a=empty, only_b=empty.clone())
+
+
+def concat_split(width: int) -> GroupSplit:
+    """The layout of the side-by-side ensemble ``[A | B]``: every unit separate."""
+    units, empty = torch.arange(width), torch.zeros(0, dtype=torch.long)
+    return GroupSplit(merged_a=empty, merged_b=empty.clone(), only_a=units, only_b=units.clone())
+
+
+def lift_features(features: torch.Tensor, split: GroupSplit, side: Side) -> torch.Tensor:
+    """Columns of ``side``'s features [N, n] placed in the merged layout [N, width]: its merged units at the merged
+    block, its separate units at its own block, zeros at the other model's block."""
+    if side not in ("a", "b"):
+        raise ConfigError(f"side must be 'a' or 'b', got {side!r}")
+    own = split.merged_a if side == "a" else split.merged_b
+    width = split.num_merged + split.num_separate
+    if features.shape[-1] != width:
+        raise ConfigError(f"features of width {features.shape[-1]} do not fit a split of {width} units per model")
+    out = features.new_zeros(*features.shape[:-1], split.width)
+    out[..., split.offsets("m")] = features[..., own]
+    out[..., split.offsets(side)] = features[..., split.indices(side, side)]
+    return out
+
+
+def lift_head(head: nn.Module, split: GroupSplit, side: Side) -> nn.Linear:
+    """A linear head on the merged layout with ``lift_head(h)(lift_features(f)) == h(f)`` (the original head is
+    untouched; nothing is drawn from the global RNG)."""
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"PLeaS evaluation lifts linear task heads only, got {type(head).__name__}")
+    lifted = nn.utils.skip_init(nn.Linear, split.width, head.out_features, bias=head.bias is not None,
+                                dtype=head.weight.dtype)  # fmt: skip
     with torch.no_grad():
-        return torch.cat([fn(batch) for batch in iter_batches(inputs, batch_size)])
+        lifted.weight.copy_(lift_features(head.weight, split, side))
+        if head.bias is not None:
+            lifted.bias.copy_(head.bias)
+    return lifted.eval()
 
 
-def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(batch) for batch in iter_batches(inputs, batch_size)])
+def lift_task_features(features: TaskFeatures, split: GroupSplit, side: Side) -> TaskFeatures:
+    """``lift_features`` on every split of ``features`` (labels unchanged)."""
+    return TaskFeatures(features.task, {name: SplitFeatures(lift_features(s.features, split, side), s.labels)
+                                        for name, s in features.splits.items()})  # fmt: skip
 
 
 @dataclass(frozen=True)
-class LinearHead:
-    """A linear head on standardised features."""
+class Teacher:
+    """The original model of one task: its features on the task, its head, and which model it is (A or B)."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return ((features - self.mean) / self.std) @ self.weight.T + self.bias
+    features: TaskFeatures
+    head: nn.Module
+    side: Side
 
 
-def fit_linear_head(
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    num_classes: int,
-    weight_decay: float = 1e-4,
-    max_iter: int = 200,
-    temperature: float = 1.0,
-) -> LinearHead:
-    """Fit a linear head by L-BFGS: cross-entropy to integer labels, or to soft targets given as teacher
-    logits ([N, num_classes] float; KL up to a constant, both sides divided by ``temperature``)."""
-    if len(features) == 0 or len(features) != len(targets):
-        raise DataError(
-            f"need as many targets as features (got {len(features)} features, {len(targets)} targets)"
-        )
-    if weight_decay < 0 or temperature <= 0:
-        raise ConfigError("weight_decay must be >= 0 and temperature > 0")
-    x = features.double()
-    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-    x = (x - mean) / std
-    soft = targets.is_floating_point()
-    if soft:
-        target = F.softmax(targets.double() / temperature, dim=1)
-    else:
-        target = targets.long()
-    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logits = x @ weight.T + bias
-        if soft:
-            logits = logits / temperature
-        loss = F.cross_entropy(logits, target) + weight_decay * (weight * weight).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return LinearHead(
-        weight=weight.detach().float(), bias=bias.detach().float(), mean=mean.float(), std=std.float()
+def protocol_context(evaluated: TaskFeatures, teacher: Teacher, split: GroupSplit) -> ProtocolContext:
+    """The protocols' view of ``evaluated`` features with layout ``split`` on the teacher's task: the lifted head,
+    and the teacher's features lifted into the same layout as the ``finetuned`` features."""
+    return ProtocolContext(
+        task=evaluated.task,
+        evaluated=evaluated,
+        head=lift_head(teacher.head, split, teacher.side),
+        finetuned=lift_task_features(teacher.features, split, teacher.side),
     )
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return int((logits.argmax(1) == labels).sum()) / len(labels)
+def evaluate_cells(
+    evaluated: TaskFeatures, teacher: Teacher, split: GroupSplit, cells: Iterable[Cell]
+) -> list[tuple[Cell, ProtocolOutcome]]:
+    """Every protocol cell (``evaluate.api.expand_cells``' tuples) on one task, through ``run_protocol``."""
+    ctx = protocol_context(evaluated, teacher, split)
+    return [(cell, run_protocol(cell[1], ctx, seed=cell[3], shots=cell[4], **cell[2])) for cell in cells]
 
-
-def few_shot_indices(labels: torch.Tensor, shots: int, seed: int = 0) -> torch.Tensor:
-    """``shots`` examples per class (seeded); raises ``DataError`` when a class has fewer."""
-    generator = torch.Generator().manual_seed(seed)
-    picked = []
-    for cls in labels.unique(sorted=True):
-        idx = (labels == cls).nonzero().flatten()
-        if len(idx) < shots:
-            raise DataError(f"class {int(cls)} has {len(idx)} training examples, fewer than shots={shots}")
-        picked.append(idx[torch.randperm(len(idx), generator=generator)[:shots]])
-    return torch.cat(picked).sort().values
-
-
-def linear_probe_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    shots: int | None = None,
-    seed: int = 0,
-    weight_decay: float = 1e-4,
-) -> float:
-    """Test accuracy of a linear probe trained on (optionally ``shots``-per-class) labelled features."""
-    if shots is not None:
-        idx = few_shot_indices(train_labels, shots, seed)
-        train_features, train_labels = train_features[idx], train_labels[idx]
-    head = fit_linear_head(train_features, train_labels, num_classes, weight_decay)
-    return accuracy(head(test_features), test_labels)
-
-
-def kl_head_accuracy(
-    train_features: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    temperature: float = 1.0,
-    weight_decay: float = 1e-4,
-) -> float:
-    """Test accuracy of a head distilled (unlabelled) from the original model's logits on the train inputs."""
-    head = fit_linear_head(
-        train_features, teacher_logits, teacher_logits.shape[1], weight_decay, temperature=temperature
-    )
-    return accuracy(head(test_features), test_labels)

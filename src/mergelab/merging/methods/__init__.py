@@ -1,1 +1,1 @@
-"""One module per merging method; the registry in ``mergelab.merging.registry`` lists them."""
+"""One module per merging method (each class carries its ``spec``); ``mergelab.api.registry`` lists them."""

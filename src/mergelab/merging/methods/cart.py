@@ -9,8 +9,9 @@ import torch
 from pydantic import Field, field_validator
 
 from mergelab.core.errors import ConfigError
-from mergelab.merging.base import MergeMethod, MethodParams
+from mergelab.merging.base import MergeMethod
 from mergelab.merging.ops import rank_from_ratio, truncated_svd
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 DEFAULT_RANK_RATIO = 0.12
 
@@ -69,11 +70,10 @@ class Cart(MergeMethod):
     ``rank_ratio`` other than the default is an error. A full rank skips the SVD (LR_r(c) = c).
     """
 
-    name = "cart"
-    summary = "CART: weight average plus λ times low-rank centred task vectors"
-    Params = CartParams
+    spec = MethodSpec(
+        "cart", "CART: weight average plus λ times low-rank centred task vectors", CartParams, needs_base=False
+    )
     params: CartParams
-    needs_base = False
 
     def __init__(self, params: CartParams, num_models: int) -> None:
         super().__init__(params, num_models)

@@ -7,7 +7,7 @@ one task relies on). θ = θ₀ + α · M ⊙ τ_MTL.
 Reference: nik-dim/tall_masks (``consensus`` with TA, ``prun_thre_k`` 2) and FusionBench's fixed
 ``tall_mask_lambda`` 0.6. This weight-space version takes one λ as a parameter (the benchmark chooses (λ, α) on the
 validation split like any other grid); ``tall_consensus`` (``mergelab.learned``) is the official recipe with λ_t
-chosen per task on labelled validation data. Both use the same strict mask rule.
+chosen per task on labelled validation data. Both use the same mask functions (``mergelab.merging.ops``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.merging.base import MergeMethod, MethodParams, chunk_slices
-from mergelab.merging.ops import require_base, task_vectors
+from mergelab.merging.base import MergeMethod, chunk_slices
+from mergelab.merging.ops import consensus_mask, require_base, tall_mask, task_vectors
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 
 class ConsensusParams(MethodParams):
@@ -27,28 +28,25 @@ class ConsensusParams(MethodParams):
     scale: float = Field(1.0, description="α applied to the masked multi-task vector")
 
 
-def tall_masks(taus: Sequence[torch.Tensor], tall_lambda: float) -> list[torch.Tensor]:
-    """Boolean TALL mask per task for one tensor."""
-    total = torch.stack(list(taus)).sum(0)
-    return [tau.abs() > tall_lambda * (total - tau).abs() for tau in taus]
-
-
 class Consensus(MergeMethod):
     """θ = θ₀ + α · 1[Σ_t m_t ≥ k] ⊙ Σ_t τ_t (see module doc)."""
 
-    name = "consensus"
-    summary = "Consensus merging: task arithmetic on weights kept by at least k tasks' TALL masks"
-    Params = ConsensusParams
+    spec = MethodSpec(
+        "consensus",
+        "Consensus merging: task arithmetic on weights kept by at least k tasks' TALL masks",
+        ConsensusParams,
+        min_models=2,
+    )
     params: ConsensusParams
-    min_models = 2
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
         base = require_base(base, self.name)
-        flats = [t.reshape(-1) for t in task_vectors(base, models)]
+        flats = [t.reshape(-1) for t in task_vectors(base, models, in_place=True)]
         out = base.reshape(-1)
         for s in chunk_slices(out.numel()):
             chunk = [f[s] for f in flats]
-            votes = torch.stack(tall_masks(chunk, self.params.tall_lambda)).sum(0)
             multitask = torch.stack(chunk).sum(0)
-            out[s] += self.params.scale * torch.where(votes >= self.params.min_tasks, multitask, torch.zeros(()))
+            masks = [tall_mask(tau, multitask, self.params.tall_lambda) for tau in chunk]
+            keep = consensus_mask(masks, self.params.min_tasks)
+            out[s] += self.params.scale * torch.where(keep, multitask, torch.zeros(()))
         return base

@@ -9,10 +9,11 @@ import torch
 from pydantic import Field
 
 from mergelab.core.errors import ConfigError
-from mergelab.merging.base import MergeMethod, MethodParams
+from mergelab.merging.base import MergeMethod
 from mergelab.merging.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams
 from mergelab.merging.methods.ties import Disjoint, Scope, Ties, TiesParams
 from mergelab.merging.ops import dare_drop, dare_keep_mask, require_base, task_vectors
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 DARE_TA_SCALE = 0.3  # FusionBench config/method/dare/*.yaml, DARE-TA
 DARE_TIES_SCALE = 0.5  # FusionBench config/method/dare/*.yaml, DARE-TIES
@@ -60,9 +61,9 @@ class Dare(MergeMethod):
     only in 2-D tensors (the "linear weights only" variant); other tensors keep their full task vector.
     """
 
-    name = "dare"
-    summary = "DARE: drop task-vector entries at random and rescale, then task arithmetic or TIES"
-    Params = DareParams
+    spec = MethodSpec(
+        "dare", "DARE: drop task-vector entries at random and rescale, then task arithmetic or TIES", DareParams
+    )
     params: DareParams
 
     def __init__(self, params: DareParams, num_models: int) -> None:
@@ -86,7 +87,7 @@ class Dare(MergeMethod):
 
     def dropped_task_vectors(self, name: str, base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """τ̃_t for one tensor: a deterministic function of (seed, t, name) and the inputs."""
-        taus = task_vectors(base, models)
+        taus = task_vectors(base, models, in_place=True)
         if self.params.targets == "weights_2d" and base.dim() != 2:
             return taus
         p = self.params

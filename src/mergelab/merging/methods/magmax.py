@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.merging.base import MergeMethod, MethodParams
+from mergelab.merging.base import MergeMethod
 from mergelab.merging.ops import require_base, task_vectors
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 
 class MagMaxParams(MethodParams):
@@ -31,11 +32,11 @@ class MagMax(MergeMethod):
     FusionBench ``config/method/magmax/magmax.yaml``. Ties go to the later model.
     """
 
-    name = "magmax"
-    summary = "MagMax: keep each entry's largest-magnitude task-vector value, scaled by λ"
-    Params = MagMaxParams
+    spec = MethodSpec(
+        "magmax", "MagMax: keep each entry's largest-magnitude task-vector value, scaled by λ", MagMaxParams
+    )
     params: MagMaxParams
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
         base = require_base(base, self.name)
-        return base.add_(max_magnitude(task_vectors(base, models)), alpha=self.params.scale)
+        return base.add_(max_magnitude(task_vectors(base, models, in_place=True)), alpha=self.params.scale)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mergelab.merging.base import MergeMethod, MethodParams
+from mergelab.merging.base import MergeMethod
 from mergelab.merging.ops import require_base, task_vectors
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 _EPS = 1e-8
 
@@ -42,14 +43,16 @@ class ModelStock(MergeMethod):
     fine-tunes of one task from one base.
     """
 
-    name = "model_stock"
-    summary = "Model Stock: move from the base towards the average by the task vectors' agreement (cosine)"
-    Params = ModelStockParams
-    min_models = 2
+    spec = MethodSpec(
+        "model_stock",
+        "Model Stock: move from the base towards the average by the task vectors' agreement (cosine)",
+        ModelStockParams,
+        min_models=2,
+    )
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
         base = require_base(base, self.name)
-        taus = task_vectors(base, models)  # in place: `models` now hold τ_t
+        taus = task_vectors(base, models, in_place=True)  # in place: `models` now hold τ_t
         ratio = interpolation_ratio(mean_pairwise_cosine(taus), len(models))
         mean_tau = taus[0]
         for tau in taus[1:]:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.merging.base import MergeMethod, MethodParams, per_model_values
+from mergelab.merging.base import MergeMethod, per_model_values
 from mergelab.merging.ops import require_base, task_vectors
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 
 class TaskArithmeticParams(MethodParams):
@@ -25,9 +26,9 @@ class TaskArithmetic(MergeMethod):
     ``merge_task_vectors`` is the task-vector part, reused by DARE.
     """
 
-    name = "task_arithmetic"
-    summary = "Task arithmetic: base plus λ times the sum of the task vectors"
-    Params = TaskArithmeticParams
+    spec = MethodSpec(
+        "task_arithmetic", "Task arithmetic: base plus λ times the sum of the task vectors", TaskArithmeticParams
+    )
     params: TaskArithmeticParams
 
     def __init__(self, params: TaskArithmeticParams, num_models: int) -> None:
@@ -46,4 +47,4 @@ class TaskArithmetic(MergeMethod):
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
         base = require_base(base, self.name)
-        return base.add_(self.merge_task_vectors(name, task_vectors(base, models)))
+        return base.add_(self.merge_task_vectors(name, task_vectors(base, models, in_place=True)))

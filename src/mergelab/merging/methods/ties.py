@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from mergelab.core.errors import MergelabError
-from mergelab.merging.base import MergeMethod, MethodParams, chunk_slices, per_model_values
+from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
 from mergelab.merging.ops import (
     bits_to_float,
     disjoint_merge,
@@ -27,6 +27,7 @@ from mergelab.merging.ops import (
     trim,
     trim_rank,
 )
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 Scope = Literal["global", "per_tensor"]
 Disjoint = Literal["sum", "mean"]
@@ -81,9 +82,7 @@ class Ties(MergeMethod):
     max(count, 1). Per tensor, "mean" equals mergekit's ``normalize: true`` with equal weights.
     """
 
-    name = "ties"
-    summary = "TIES-Merging: trim to top-k, elect signs, merge sign-agreeing entries"
-    Params = TiesParams
+    spec = MethodSpec("ties", "TIES-Merging: trim to top-k, elect signs, merge sign-agreeing entries", TiesParams)
     params: TiesParams
 
     def __init__(self, params: TiesParams, num_models: int) -> None:
@@ -110,11 +109,11 @@ class Ties(MergeMethod):
     # -- engine interface -------------------------------------------------------------------------------------
 
     def observe(self, pass_index: int, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> None:
-        self.observe_task_vectors(pass_index, name, task_vectors(require_base(base, self.name), models))
+        self.observe_task_vectors(pass_index, name, task_vectors(require_base(base, self.name), models, in_place=True))
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
         base = require_base(base, self.name)
-        return base.add_(self.merge_task_vectors(name, task_vectors(base, models)))
+        return base.add_(self.merge_task_vectors(name, task_vectors(base, models, in_place=True)))
 
     # -- task-vector interface (reused by DARE) ---------------------------------------------------------------
 
@@ -179,7 +178,9 @@ class Ties(MergeMethod):
         merged = torch.empty(numel, dtype=flats[0].dtype)
         for s in slices:
             trimmed = self._trimmed(torch.stack([f[s] for f in flats]), thresholds)
-            merged[s] = disjoint_merge(trimmed, resolve_zero_signs(elect_signs(trimmed), majority), self.params.disjoint)
+            merged[s] = disjoint_merge(
+                trimmed, resolve_zero_signs(elect_signs(trimmed), majority), self.params.disjoint
+            )
         merged = merged.reshape(taus[0].shape)
         return merged if self._row_scales is not None else merged.mul_(self._outer_scale)
 

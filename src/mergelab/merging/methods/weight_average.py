@@ -8,7 +8,8 @@ import torch
 from pydantic import Field, field_validator
 
 from mergelab.core.errors import ConfigError
-from mergelab.merging.base import MergeMethod, MethodParams, per_model_values
+from mergelab.merging.base import MergeMethod, per_model_values
+from mergelab.merging.spec import MethodParams, MethodSpec
 
 
 class WeightAverageParams(MethodParams):
@@ -32,11 +33,13 @@ class WeightAverage(MergeMethod):
     No base is needed.
     """
 
-    name = "weight_average"
-    summary = "Weight averaging: the (optionally weighted) mean of the fine-tuned weights"
-    Params = WeightAverageParams
+    spec = MethodSpec(
+        "weight_average",
+        "Weight averaging: the (optionally weighted) mean of the fine-tuned weights",
+        WeightAverageParams,
+        needs_base=False,
+    )
     params: WeightAverageParams
-    needs_base = False
 
     def __init__(self, params: WeightAverageParams, num_models: int) -> None:
         super().__init__(params, num_models)

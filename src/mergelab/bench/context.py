@@ -1,0 +1,51 @@
+"""What every stage of a run reads: built whole by the runner once the experts exist, never filled in later."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergelab.bench.config import ExperimentConfig
+from mergelab.bench.pool import Expert, ExpertPool, Log
+from mergelab.bench.store import ResultStore
+from mergelab.bench.timing import Timings
+from mergelab.data.types import TextTask
+from mergelab.evaluation.features import FeatureCache
+from mergelab.evaluation.types import TaskFeatures
+
+ALL_SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One run: its config, folder and store, the expert pool, the few-shot ``eval_tasks`` (train split cut to
+    the pool the protocols sample from), the ``run_key`` every cell key carries, and the feature cache."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    store: ResultStore
+    pool: ExpertPool
+    eval_tasks: Mapping[str, TextTask]
+    run_key: str
+    feature_cache: FeatureCache
+    timings: Timings
+    log: Log
+
+    @property
+    def experts(self) -> Mapping[str, Expert]:
+        return self.pool.experts
+
+    def present(self, task: str, splits: tuple[str, ...]) -> tuple[str, ...]:
+        """The ``splits`` that ``task`` has (validation is optional)."""
+        return tuple(s for s in splits if s in self.eval_tasks[task].splits)
+
+    def features(self, encoder: Any, fingerprint: str, task: str, splits: tuple[str, ...]) -> TaskFeatures:
+        """Features of ``encoder`` (or a lazy builder of it) on the present ``splits`` of ``task``'s few-shot pool
+        version, from the cache when there."""
+        with self.timings.timed("features"):
+            return self.feature_cache.features(
+                encoder, fingerprint, self.eval_tasks[task], splits=self.present(task, splits),
+                max_length=self.cfg.eval_max_length, batch_size=self.cfg.batch_size, kind=self.pool.pooling,
+            )  # fmt: skip

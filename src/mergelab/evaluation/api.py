@@ -1,0 +1,152 @@
+"""``mergelab eval`` as a function: any encoder checkpoint vs the tasks' fine-tuned models, every protocol."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.errors import ConfigError
+from mergelab.core.paths import default_cache_dir
+from mergelab.data.tasks import load_task
+from mergelab.evaluation.features import FeatureCache
+from mergelab.evaluation.protocols.aligned import aligned_cells
+from mergelab.evaluation.protocols.common import ProtocolContext
+from mergelab.evaluation.protocols.registry import get_protocol, protocol_infos, run_protocol
+from mergelab.evaluation.results import ResultRow, normalized
+from mergelab.evaluation.types import TaskFeatures
+from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
+from mergelab.models.hf import load_encoder, load_task_model
+from mergelab.models.task_model import TaskModel
+
+PathLike = str | os.PathLike[str]
+DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
+
+
+def expand_cells(protocols: Sequence[str], shots: Sequence[int], num_seeds: int, transforms: Sequence[str],
+                 protocol_options: Mapping[str, Mapping[str, Any]] | None = None, *, seed: int = 0,
+                 ) -> list[tuple[str, str, dict[str, Any], int, int]]:  # fmt: skip
+    """(stored name, protocol, options, seed, shots) for every cell; single-cell protocols run once (Surgery
+    also runs per seed and shot count on k × C inputs, unless ``protocol_options`` fix its ``samples``).
+    FT-Classifier runs with both solvers, stored as ``ft_classifier`` (reference schedule) and
+    ``ft_classifier:converged`` (L-BFGS to convergence), unless ``protocol_options`` fix its ``solver``.
+    Aligned runs each transform cross-fitted (``aligned:{t}``) and as its shuffled-pairs noise control
+    (``aligned-control:{t}``); with ``fit: in_sample`` the names are ``aligned-insample[-control]:{t}``; a fixed
+    ``control`` option keeps only that cell. Seeds are ``seed`` … ``seed + num_seeds − 1``."""
+    seeds = range(seed, seed + num_seeds)
+    cells = []
+    for protocol in protocols:
+        info = get_protocol(protocol)
+        if protocol == "aligned":  # per family: cross-fitted (or in-sample) fit and its shuffled-pairs control
+            options = (protocol_options or {}).get(protocol, {})
+            cells += [(stored, protocol, opts, 0, 0) for stored, opts in aligned_cells(transforms, options)]
+        elif protocol == "surgery":  # on every eval input, and on k × C of them (FT-Classifier's count, Figure 7)
+            cells.append((protocol, protocol, {}, 0, 0))
+            if "samples" not in (protocol_options or {}).get(protocol, {}):
+                cells += [(protocol, protocol, {"samples_per_class": k}, seed, k) for seed in seeds for k in shots]
+        elif protocol == "ft_classifier":  # both solvers (reference schedule, converged), unless options fix one
+            fixed = (protocol_options or {}).get(protocol, {}).get("solver")
+            for solver in [fixed] if fixed else ["reference", "converged"]:
+                stored = protocol if solver == "reference" else f"{protocol}:{solver}"
+                cells += [(stored, protocol, {"solver": solver}, seed, k) for seed in seeds for k in shots]
+        elif info.single_cell:
+            cells.append((protocol, protocol, {}, 0, 0))
+        else:
+            cells += [(protocol, protocol, {}, seed, k) for seed in seeds for k in shots]
+    return cells
+
+
+def check_inputs(finetuned: Mapping[str, Any], data: Mapping[str, Any], protocols: Sequence[str]) -> None:
+    """Every task has a fine-tuned model and data; every protocol exists."""
+    missing = sorted(set(data) ^ set(finetuned))
+    if missing:
+        raise ConfigError(f"every task needs both --finetuned and --data; unmatched: {', '.join(missing)}")
+    known = protocol_infos()
+    unknown = [p for p in protocols if p not in known]
+    if unknown:
+        raise ConfigError(f"unknown protocol(s) {unknown}; choose from {', '.join(known)}")
+
+
+def experts_pooling(experts: Mapping[str, TaskModel]) -> str | None:
+    """The feature the experts' heads read (their pooling); experts of mixed kinds are an error."""
+    poolings = {name: getattr(model.encoder, "pooling", None) for name, model in experts.items()}
+    if len(set(poolings.values())) > 1:
+        raise ConfigError(f"the fine-tuned models read different features {poolings}; evaluate one kind at a time")
+    return next(iter(poolings.values()))
+
+
+def evaluated_encoder(merged: PathLike | Mapping[str, torch.Tensor], reference: PathLike,
+                      pooling: str | None) -> tuple[Any, str]:  # fmt: skip
+    """The encoder to evaluate (a checkpoint or a state dict in the base layout) and its content fingerprint."""
+    if isinstance(merged, Mapping):
+        return load_encoder(dict(merged), reference, pooling=pooling), state_dict_fingerprint(dict(merged))
+    return load_encoder(merged, reference, pooling=pooling), checkpoint_fingerprint(merged)
+
+
+def evaluate(
+    merged: PathLike | Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, PathLike],
+    data: Mapping[str, PathLike],
+    *,
+    protocols: Sequence[str] = ("current", "knn", "ft_classifier"),
+    shots: Sequence[int] = (5,),
+    num_seeds: int = 5,
+    seed: int = 0,
+    transforms: Sequence[str] = DEFAULT_TRANSFORMS,
+    cache_dir: PathLike | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    batch_size: int = 64,
+    protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
+    model_name: str = "merged",
+    progress: bool = True,
+) -> list[ResultRow]:
+    """Evaluate the encoder ``merged`` on each task of ``data`` against its fine-tuned model in ``finetuned``.
+
+    ``merged`` is any encoder checkpoint in the base layout (a merged model, the pretrained base, ...) or an
+    in-memory state dict; ``finetuned`` maps task → fine-tuned sequence-classification checkpoint (its head is
+    the task's head); ``data`` maps task → data folder or saved DatasetDict. ``num_seeds`` seeds from ``seed`` are
+    run for each seeded protocol and shot count. Returns one ``ResultRow`` per (protocol, task, seed, shots) with
+    accuracy, normalised accuracy (÷ the fine-tuned model's own accuracy) and the transductive mark. Features are cached on disk: a second protocol, seed or shot count runs no encoder forward pass.
+    """
+    check_inputs(finetuned, data, protocols)
+    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress)
+    tasks = {name: load_task(name, path) for name, path in data.items()}
+    experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
+    expert_fp = {name: checkpoint_fingerprint(path) for name, path in finetuned.items()}
+    encoder, merged_fp = evaluated_encoder(merged, next(iter(finetuned.values())), experts_pooling(experts))
+
+    def feats(enc: torch.nn.Module, fp: str, task: Any) -> TaskFeatures:
+        splits = tuple(s for s in ("train", "validation", "test") if s in task.splits)
+        return cache.features(enc, fp, task, splits=splits, max_length=max_length, batch_size=batch_size)
+
+    cells = expand_cells(protocols, shots, num_seeds, transforms, protocol_options, seed=seed)
+    rows = []
+    for name, task in tasks.items():
+        ft = feats(experts[name].encoder, expert_fp[name], task)
+        ens = []
+        if "ensemble" in protocols:
+            ens = [ft if other == name else feats(experts[other].encoder, expert_fp[other], task) for other in tasks]
+        context = ProtocolContext(name, feats(encoder, merged_fp, task), experts[name].head, ft, ens)
+        rows += task_rows(context, cells, protocol_options, model_name)
+    return rows
+
+
+def task_rows(context: ProtocolContext, cells: Sequence[tuple[str, str, dict[str, Any], int, int]],
+              protocol_options: Mapping[str, Mapping[str, Any]] | None, model_name: str) -> list[ResultRow]:  # fmt: skip
+    """Every cell of one task: accuracy, accuracy ÷ the fine-tuned model's own, the transductive mark."""
+    finetuned = context.require_finetuned("current")
+    reference = run_protocol("current", ProtocolContext(context.task, finetuned, context.head, finetuned)).accuracy
+    rows = []
+    for stored, protocol, options, seed, k in cells:
+        merged_options = {**(protocol_options or {}).get(protocol, {}), **options}
+        result = run_protocol(protocol, context, seed=seed, shots=k, **merged_options)
+        rows.append(ResultRow(
+            model=model_name, method=model_name, params="{}", protocol=stored, task=context.task, seed=seed, shots=k,
+            accuracy=result.accuracy, normalized_accuracy=normalized(result.accuracy, reference),
+            transductive=result.transductive or get_protocol(protocol).transductive, extras=result.extras,
+        ))  # fmt: skip
+    return rows
