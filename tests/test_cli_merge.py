@@ -74,7 +74,7 @@ def test_methods_lists_every_method_with_params():
     # the entries that are not one merged model: what they produce and what runs them
     assert "tall_masks" in flat and "produces one model per task, not a single merged model" in flat
     assert "neulig" in flat and "run: `mergelab neulig`" in flat and "train_examples" in flat and "512" in flat
-    assert "pleas" in flat and "run: `mergelab vision-bench`" in flat
+    assert "pleas" in flat and "run: `mergelab bench pleas`" in flat
 
 
 def test_version_prints_the_package_version():

@@ -225,7 +225,7 @@ def test_seed_and_batch_size_are_parameters_of_the_methods_that_declare_them(fam
     "name,message",
     [
         ("neulig", r"'neulig' does not produce one merged model \(router\); run it with `mergelab neulig`"),
-        ("pleas", r"'pleas' does not produce one merged model \(wider model\); run it with `mergelab vision-bench`"),
+        ("pleas", r"'pleas' does not produce one merged model \(wider model\); run it with `mergelab bench pleas`"),
         ("tall_masks", r"'tall_masks' does not produce one merged model \(per task models\); run it with "
                        r"mergelab\.learned\.api\.tall_masks_with_data"),
     ],

@@ -41,7 +41,7 @@ PLEAS_SPEC = MethodSpec(
     min_models=2,
     needs_base=False,
     produces="wider_model",
-    run_with="`mergelab vision-bench` (soon `mergelab bench pleas`); mergelab.pleas.pleas_merge(model_a, model_b, ...)",
+    run_with="`mergelab bench pleas`; mergelab.pleas.pleas_merge(model_a, model_b, ...)",
 )
 
 METHOD_CLASSES: tuple[type[Method], ...] = (

@@ -1,4 +1,4 @@
-"""`mergelab bench`, `report`, `demo`, `vision-bench`: benchmarks and their reports.
+"""`mergelab bench`, `report`, `demo`: benchmarks (`bench demo|full|pleas|FILE.yaml`) and their reports.
 
 The bench modules pull torch and transformers (~2 s to import), so they are imported inside the commands that run
 them: `mergelab --help` and the other commands stay fast.
@@ -60,17 +60,6 @@ def demo_command(
     run_experiment(demo_config(), out, cache_dir)
 
 
-@app.command("vision-bench")
-@friendly_errors
-def vision_bench_command(
-    out: Path = typer.Option(Path("runs/vision"), "--out", help="output folder"),
-    budgets: str = typer.Option(DEFAULT_BUDGETS, "--budgets", help="PLeaS width budgets between 1.0 and 2.0"),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="features cache (default: XDG cache)"),
-) -> None:
-    """PLeaS on two small CNNs trained from different inits (MNIST vs Fashion-MNIST): `mergelab bench pleas`."""
-    typer.echo(f"report: {run_pleas_benchmark(out, cache_dir, parse_budgets(budgets))}")
-
-
 def experiment_config(name: str) -> ExperimentConfig:
     """The experiment of ``name``: a YAML file, or a built-in one (``demo``, ``full``)."""
     from mergelab.bench.config import BUILTIN_CONFIGS, builtin_config, load_experiment_config  # lazy: see above
@@ -94,12 +83,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, cache_dir: Path | None) -> 
 
 def run_pleas_benchmark(out: Path, cache_dir: Path | None, budgets: list[float]) -> Path:
     """Run the PLeaS vision benchmark (``mergelab.bench.pleas_runner``) into ``out``; returns its report."""
-    try:  # lazy: see the module's docstring
-        from mergelab.bench.pleas_runner import run_pleas
-    except ModuleNotFoundError as exc:
-        if exc.name != "mergelab.bench.pleas_runner":
-            raise
-        raise ConfigError("the PLeaS benchmark runner (mergelab.bench.pleas_runner) is not part of this install") from None
+    from mergelab.bench.pleas_runner import run_pleas  # lazy: see the module's docstring
+
     return run_pleas(out, cache_dir, log=log_to_stderr, budgets=tuple(budgets))
 
 
