@@ -1,0 +1,169 @@
+"""Image models split into encoder (what gets merged) and head (never merged): HF image classifiers and CLIP.
+
+**Image classifiers** (``*ForImageClassification``: ViT, ConvNeXt, Swin, BEiT, …). The head is the classifier's
+parameterised child other than its base model; the feature is the tensor that head receives in the model's own
+forward. Rather than one rule per family, the split tries the features a base model can hand a head — ``pooler``
+(``pooler_output``: ConvNeXt, Swin), ``cls`` (the first token of ``last_hidden_state``: ViT, DeiT) and ``mean`` (the
+token mean) — and keeps the first whose ``head(feature)`` reproduces the model's own logits on a random probe batch;
+a model no rule fits is refused with a message naming ``TaskModel.from_modules``.
+
+**CLIP** (HF ``CLIPModel`` folders). The merged part is the vision tower with its projection; the feature is the
+L2-normalised image embedding. Each task's head is built from the *pretrained* text tower: every class name through
+every prompt template, the text embeddings normalised, averaged over templates, normalised again and multiplied by
+the logit scale (FusionBench's and the FT-Classifier appendix's zero-shot head), a bias-free ``nn.Linear``.
+
+Preprocessing is the model's own image processor (``AutoImageProcessor``), never hand-written resizing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergelab.core.errors import CheckpointError, ConfigError
+
+IMAGE_FEATURES = ("pooler", "cls", "mean")
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+PROBE_SEED = 0
+
+
+def image_feature(output: Any, pooling: str) -> torch.Tensor:
+    """The feature ``pooling`` of a base image model's output: ``pooler``, ``cls`` or ``mean`` (of the tokens)."""
+    if pooling == "pooler":
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is None:
+            raise CheckpointError("the base model returns no pooler_output; it has no pooler for a 'pooler' feature")
+        return pooled.flatten(1)
+    hidden = output.last_hidden_state
+    if hidden.ndim != 3:
+        raise CheckpointError(f"a '{pooling}' feature needs token states [B, T, d], got {tuple(hidden.shape)}")
+    return hidden[:, 0] if pooling == "cls" else hidden.mean(dim=1)
+
+
+class ImageEncoder(nn.Module):
+    """A base image model and the feature its head reads: ``pixel_values`` [B, C, H, W] → features [B, d]."""
+
+    def __init__(self, model: nn.Module, pooling: str, processor: Any = None) -> None:
+        super().__init__()
+        if pooling not in IMAGE_FEATURES:
+            raise ConfigError(f"unknown image feature '{pooling}'; choose one of: {', '.join(IMAGE_FEATURES)}")
+        self.model, self.pooling, self.processor = model, pooling, processor
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return image_feature(self.model(pixel_values=pixel_values), self.pooling)
+
+
+class ClipImageEncoder(nn.Module):
+    """CLIP's vision tower and projection: ``pixel_values`` → L2-normalised image embeddings [B, d_proj]."""
+
+    pooling = "clip"
+
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, processor: Any = None) -> None:
+        super().__init__()
+        self.vision_model, self.visual_projection, self.processor = vision_model, visual_projection, processor
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        return F.normalize(self.visual_projection(pooled), dim=-1)
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The (name, module) of an image classifier's head: its one parameterised child besides the base model."""
+    prefix = model.base_model_prefix
+    children = [(n, m) for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
+    if len(children) != 1:
+        raise CheckpointError(
+            f"cannot find the head of a '{model.config.model_type}' image classifier (candidates: "
+            f"{[n for n, _ in children]}); wrap it with TaskModel.from_modules(encoder, head, label_names)"
+        )
+    return children[0]
+
+
+def probe_pixels(config: Any, batch: int = 3) -> torch.Tensor:
+    """A seeded random batch of images of the size the config expects (for checking a split)."""
+    size = getattr(config, "image_size", 224)
+    size = size if isinstance(size, int) else int(size[0])
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=generator)
+
+
+def split_image_classifier(model: nn.Module, processor: Any = None) -> tuple[ImageEncoder, nn.Module]:
+    """The encoder (base model + the feature its head reads) and the head of an HF image classifier, checked on a
+    probe batch: ``head(encoder(x))`` equals the model's own logits."""
+    name, head = classifier_head(model)
+    base = getattr(model, model.base_model_prefix)
+    pixels = probe_pixels(model.config)
+    problems = []
+    with torch.no_grad():
+        model.eval()
+        own = model(pixel_values=pixels).logits
+        for pooling in IMAGE_FEATURES:
+            encoder = ImageEncoder(base, pooling, processor).eval()
+            try:
+                logits = head(encoder(pixels))
+            except (CheckpointError, RuntimeError) as exc:
+                problems.append(f"{pooling}: {exc}")
+                continue
+            if logits.shape == own.shape and torch.allclose(logits, own, atol=1e-5, rtol=1e-4):
+                return encoder, head
+            problems.append(f"{pooling}: logits differ")
+    raise CheckpointError(
+        f"cannot split a '{model.config.model_type}' image classifier at its head '{name}' ({'; '.join(problems)}); "
+        "wrap it with TaskModel.from_modules(encoder, head, label_names)"
+    )
+
+
+def encode_images(encoder: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 64,
+                  progress: Callable[[int], None] | None = None) -> torch.Tensor:  # fmt: skip
+    """float32 CPU features [N, d] of ``images`` (PIL images), preprocessed by the model's own processor in
+    batches (memory bounded by one batch), eval mode, no gradients."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start : start + batch_size])
+            pixels = processor(images=chunk, return_tensors="pt")["pixel_values"]
+            outs.append(encoder(pixels.to(device)).float().cpu())  # deliberate: features live on the CPU
+            if progress is not None:
+                progress(len(chunk))
+    return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def zero_shot_weights(clip: nn.Module, tokenizer: Any, class_names: Sequence[str],
+                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:  # fmt: skip
+    """[C, d_proj]: per class, the normalised text embeddings of every template, averaged, normalised again, times
+    the logit scale (exp of CLIP's learned temperature)."""
+    if not class_names:
+        raise ConfigError("a zero-shot head needs at least one class name")
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ConfigError(f"every prompt template must contain '{{}}' for the class name; got {list(templates)}")
+    rows = []
+    with torch.no_grad():
+        for name in class_names:
+            batch = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+            text = clip.get_text_features(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            text = getattr(text, "pooler_output", text)  # transformers returns a tensor or an output with it
+            rows.append(F.normalize(F.normalize(text, dim=-1).mean(dim=0), dim=-1))
+        scale = clip.logit_scale.exp()
+    return torch.stack(rows) * scale
+
+
+def zero_shot_head(weights: torch.Tensor) -> nn.Linear:
+    """A bias-free Linear head with the zero-shot ``weights`` [C, d] (logits = scale · cos(image, class))."""
+    head = nn.Linear(weights.shape[1], weights.shape[0], bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weights)
+    return head.eval()
+
+
+def clip_image_encoder(clip: nn.Module, processor: Any = None) -> ClipImageEncoder:
+    """The merged part of a CLIP model: its vision tower and visual projection."""
+    return ClipImageEncoder(clip.vision_model, clip.visual_projection, processor).eval()
