@@ -1,13 +1,20 @@
 """Merge speed and peak memory: mergelab vs mergekit vs a bare safetensors loop (the floor).
 
 Builds synthetic LLaMA-shaped sharded checkpoints (base + 3 fine-tunes, ``--size-gb`` each in fp32), then runs
-every merge in a fresh subprocess and reports wall time and the subprocess's peak RSS. Printed ratios:
+every merge in a fresh subprocess (``--repeat`` times: the best wall time and the spread, max - min), reporting wall
+time and the subprocess's peak RSS. Both tools write shards of one size (``--shard-mb``: mergelab's
+``--max-shard-size`` and mergekit's ``--out-shard-size``). The floor reads every input tensor with safetensors, does
+the task-arithmetic sum and writes the output, single-threaded: the I/O plus the least arithmetic. Printed ratios of
+the best times:
 
-* mergelab / mergekit for task_arithmetic and per-tensor TIES (target: <= 1.0 in time and memory),
-* mergelab / floor for task_arithmetic (target: <= 1.3 in time),
-* global TIES peak RSS at ``size`` vs ``2 × size`` (target: flat — bounded by the largest tensor, not the model).
+* every mergelab run / the floor (targets: task_arithmetic <= 1.3, both TIES scopes <= 2.0),
+* mergelab / mergekit for task_arithmetic (target: <= 0.8 in time, <= 1.0 in memory) and per-tensor TIES,
+* global TIES peak RSS at ``size`` vs ``2 x size`` (target: flat: bounded by the largest tensor, not the model).
 
-Usage: python benchmarks/merge_speed.py [--size-gb 1.0] [--workdir DIR] [--skip-mergekit] [--keep]
+mergekit-yaml is looked for next to this Python, then in benchmarks/.peer-venv (``make bench`` installs it).
+
+Usage: python benchmarks/merge_speed.py [--size-gb 1.0] [--repeat 3] [--shard-mb 500] [--workdir DIR]
+       [--skip-mergekit] [--skip-double] [--keep]
 """
 
 from __future__ import annotations
@@ -127,17 +134,27 @@ def measure(cmd: list[str]) -> dict:
     return result
 
 
-def mergelab_cmd(method: str, base: Path, models: list[Path], out: Path, params: dict) -> list[str]:
+def mergelab_cmd(method: str, base: Path, models: list[Path], out: Path, params: dict, shard_mb: int) -> list[str]:
     entry = [sys.executable, "-c", "from mergelab.cli import main; main()"]  # the `mergelab` command, this Python
     cmd = [*entry, "merge", "--method", method, "--base", str(base), "--out", str(out)]
     for m in models:
         cmd += ["--model", str(m)]
     for k, v in params.items():
         cmd += ["--param", f"{k}={v}"]
-    return cmd + ["--max-shard-size", "500MB"]
+    return cmd + ["--max-shard-size", f"{shard_mb}MB"]
 
 
-def mergekit_cmd(method: str, base: Path, models: list[Path], out: Path, workdir: Path) -> list[str]:
+def mergekit_exe() -> Path | None:
+    """``mergekit-yaml`` next to this Python, else in benchmarks/.peer-venv; None when neither has it."""
+    for candidate in (Path(sys.executable).with_name("mergekit-yaml"),
+                      Path(__file__).resolve().parent / ".peer-venv" / "bin" / "mergekit-yaml"):  # fmt: skip
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def mergekit_cmd(exe: Path, method: str, base: Path, models: list[Path], out: Path, workdir: Path,
+                 shard_mb: int) -> list[str]:  # fmt: skip
     params = {"weight": 0.3} if method == "task_arithmetic" else {"weight": 0.3, "density": 0.2}
     config = {
         "merge_method": method, "base_model": str(base), "dtype": "float32",
@@ -146,60 +163,90 @@ def mergekit_cmd(method: str, base: Path, models: list[Path], out: Path, workdir
     }  # fmt: skip
     cfg_path = workdir / f"mergekit-{method}.yaml"
     cfg_path.write_text(json.dumps(config))
-    exe = Path(sys.executable).with_name("mergekit-yaml")
-    return [str(exe), str(cfg_path), str(out), "--out-shard-size", "125M", "--no-copy-tokenizer"]
+    # mergekit's "500M" is 500 * 10**6 bytes, as mergelab's "500MB": equal shard sizes
+    return [str(exe), str(cfg_path), str(out), "--out-shard-size", f"{shard_mb}M", "--no-copy-tokenizer"]
+
+
+def repeated(label: str, cmd: list[str], out: Path, repeat: int) -> dict:
+    """Run ``cmd`` ``repeat`` times (output removed before and after each); best wall time, spread, peak RSS."""
+    walls, rss = [], []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        result = measure(cmd)
+        shutil.rmtree(out, ignore_errors=True)
+        walls.append(result["wall_s"])
+        rss.append(result["peak_rss_mb"])
+    row = {"run": label, "wall_s": min(walls), "spread_s": max(walls) - min(walls), "walls_s": walls,
+           "peak_rss_mb": max(rss)}  # fmt: skip
+    print(f"  {label:<34} best {row['wall_s']:7.1f} s  spread {row['spread_s']:5.1f} s  "
+          f"{row['peak_rss_mb']:8.0f} MB peak RSS", flush=True)  # fmt: skip
+    return row
+
+
+def ratio_line(what: str, run: dict, ref: dict, target: str) -> str:
+    return (f"  {what:<42} time {run['wall_s'] / ref['wall_s']:5.2f}x   "
+            f"memory {run['peak_rss_mb'] / ref['peak_rss_mb']:5.2f}x   ({target})")  # fmt: skip
+
+
+def print_ratios(runs: dict[str, dict]) -> None:
+    floor, mk_ta, mk_ties = runs["floor"], runs.get("mk_ta"), runs.get("mk_ties")
+    print("\nratios of best times (lower is better):")
+    print(ratio_line("task_arithmetic / floor", runs["ta"], floor, "target time <= 1.3x"))
+    print(ratio_line("ties per_tensor / floor", runs["tpt"], floor, "target time <= 2.0x"))
+    print(ratio_line("ties global / floor", runs["tg"], floor, "target time <= 2.0x"))
+    if mk_ta and mk_ties:
+        print(ratio_line("task_arithmetic / mergekit task_arithmetic", runs["ta"], mk_ta,
+                         "target time <= 0.8x, memory <= 1.0x"))  # fmt: skip
+        print(ratio_line("ties per_tensor / mergekit ties", runs["tpt"], mk_ties, "target <= 1.0x"))
+        print(ratio_line("mergekit task_arithmetic / floor", mk_ta, floor, "reference"))
+    if "tg2" in runs:
+        print(ratio_line("ties global, 2x model size / 1x", runs["tg2"], runs["tg"], "target: memory flat, ~1.0x"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-gb", type=float, default=1.0, help="fp32 size of each synthetic checkpoint")
+    parser.add_argument("--size-gb", type=float, default=1.0, help="fp32 size of each synthetic checkpoint (>= 3.0 for "
+                        "the README figures)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement: best time and spread")
+    parser.add_argument("--shard-mb", type=int, default=500, help="output shard size of both tools, in 10**6 bytes")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--skip-double", action="store_true", help="skip the global TIES run at twice the size")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergelab-bench-"))
-    rows = []
+    exe = None if args.skip_mergekit else mergekit_exe()
+    if not args.skip_mergekit and exe is None:
+        print("mergekit-yaml not found (run `make bench`): skipping mergekit")
+    runs: dict[str, dict] = {}
     try:
-        small, large = workdir / "x1", workdir / "x2"
+        small, large, out = workdir / "x1", workdir / "x2", workdir / "out"
         base, models, gb = write_family(small, args.size_gb)
-        print(f"synthetic checkpoints: base + {len(models)} models, {gb:.2f} GB fp32 each, in {small}")
+        print(f"synthetic checkpoints: base + {len(models)} models, {gb:.2f} GB fp32 each, in {small}; "
+              f"{args.repeat} run(s) each, {args.shard_mb} MB shards")  # fmt: skip
 
-        def run(label: str, cmd: list[str], out: Path) -> dict:
-            shutil.rmtree(out, ignore_errors=True)
-            result = measure(cmd)
-            shutil.rmtree(out, ignore_errors=True)
-            rows.append({"run": label, **result})
-            print(f"  {label:<34} {result['wall_s']:7.1f} s  {result['peak_rss_mb']:8.0f} MB peak RSS", flush=True)
-            return result
+        def ml(method: str, params: dict) -> list[str]:
+            return mergelab_cmd(method, base, models, out, params, args.shard_mb)
 
-        out = workdir / "out"
-        floor = run("floor (bare safetensors loop, TA)", [sys.executable, "-c", _FLOOR, str(base),
-                                                          ",".join(map(str, models)), str(out)], out)  # fmt: skip
-        ta = run("mergelab task_arithmetic", mergelab_cmd("task_arithmetic", base, models, out, {"scale": 0.3}), out)
-        tpt = run("mergelab ties per_tensor", mergelab_cmd("ties", base, models, out,
-                                                           {"scope": "per_tensor", "density": 0.2}), out)  # fmt: skip
-        tg = run("mergelab ties global", mergelab_cmd("ties", base, models, out, {"scope": "global", "density": 0.2}), out)
-        mk_ta = mk_ties = None
-        if not args.skip_mergekit:
-            mk_ta = run("mergekit task_arithmetic", mergekit_cmd("task_arithmetic", base, models, out, workdir), out)
-            mk_ties = run("mergekit ties", mergekit_cmd("ties", base, models, out, workdir), out)
+        floor_cmd = [sys.executable, "-c", _FLOOR, str(base), ",".join(map(str, models)), str(out)]
+        runs["floor"] = repeated("floor (bare safetensors loop, TA)", floor_cmd, out, args.repeat)
+        runs["ta"] = repeated("mergelab task_arithmetic", ml("task_arithmetic", {"scale": 0.3}), out, args.repeat)
+        runs["tpt"] = repeated("mergelab ties per_tensor", ml("ties", {"scope": "per_tensor", "density": 0.2}), out,
+                               args.repeat)  # fmt: skip
+        runs["tg"] = repeated("mergelab ties global", ml("ties", {"scope": "global", "density": 0.2}), out, args.repeat)
+        if exe is not None:
+            for key, method in (("mk_ta", "task_arithmetic"), ("mk_ties", "ties")):
+                cmd = mergekit_cmd(exe, method, base, models, out, workdir, args.shard_mb)
+                runs[key] = repeated(f"mergekit {method}", cmd, out, args.repeat if key == "mk_ta" else 1)
         shutil.rmtree(small) if not args.keep else None
-        base2, models2, gb2 = write_family(large, 2 * args.size_gb)
-        print(f"doubled: {gb2:.2f} GB fp32 each")
-        tg2 = run("mergelab ties global (2x size)", mergelab_cmd("ties", base2, models2, out,
-                                                                 {"scope": "global", "density": 0.2}), out)  # fmt: skip
-        print("\nratios (lower is better):")
-        print(f"  task_arithmetic vs floor:   time {ta['wall_s'] / floor['wall_s']:.2f}x   "
-              f"memory {ta['peak_rss_mb'] / floor['peak_rss_mb']:.2f}x   (target time <= 1.3x)")  # fmt: skip
-        if mk_ta and mk_ties:
-            print(f"  task_arithmetic vs mergekit: time {ta['wall_s'] / mk_ta['wall_s']:.2f}x   "
-                  f"memory {ta['peak_rss_mb'] / mk_ta['peak_rss_mb']:.2f}x   (target <= 1.0x)")  # fmt: skip
-            print(f"  ties per_tensor vs mergekit: time {tpt['wall_s'] / mk_ties['wall_s']:.2f}x   "
-                  f"memory {tpt['peak_rss_mb'] / mk_ties['peak_rss_mb']:.2f}x   (target <= 1.0x)")  # fmt: skip
-        print(f"  ties global, 2x model size: memory {tg2['peak_rss_mb'] / tg['peak_rss_mb']:.2f}x   "
-              f"time {tg2['wall_s'] / tg['wall_s']:.2f}x   (target: memory flat, ~1.0x)")  # fmt: skip
+        if not args.skip_double:
+            base2, models2, gb2 = write_family(large, 2 * args.size_gb)
+            print(f"doubled: {gb2:.2f} GB fp32 each")
+            cmd = mergelab_cmd("ties", base2, models2, out, {"scope": "global", "density": 0.2}, args.shard_mb)
+            runs["tg2"] = repeated("mergelab ties global (2x size)", cmd, out, 1)
+        print_ratios(runs)
         (Path.cwd() / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-        (Path.cwd() / "benchmarks" / "results" / "merge_speed.json").write_text(json.dumps(rows, indent=2))
+        (Path.cwd() / "benchmarks" / "results" / "merge_speed.json").write_text(json.dumps(list(runs.values()), indent=2))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -277,7 +277,7 @@ def test_option_errors():
         run_protocol("aligned", ctx, fit="insample")
     with pytest.raises(ConfigError, match="'control' must be one of"):
         run_protocol("aligned", ctx, control="permuted")
-    with pytest.raises(ConfigError, match="unknown aligned solver"):
+    with pytest.raises(ConfigError, match="option 'solver' must be one of fast, adam, got 'lbfgs'"):
         run_protocol("aligned", ctx, solver="lbfgs")
     with pytest.raises(ConfigError, match="set solver: adam"):
         run_protocol("aligned", ctx, transform="orthogonal", alpha=0.5)

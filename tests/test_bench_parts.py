@@ -75,11 +75,11 @@ def test_cell_keys_are_what_the_store_has_always_used():
 
 def test_protocol_cells_add_the_configured_options():
     cfg = ExperimentConfig(tasks=[{"name": "t"}], protocols=["current", "knn"], shots=[1, 5], seeds=2,
-                           protocol_options={"knn": {"k": 3}})  # fmt: skip
+                           protocol_options={"knn": {"chunk_size": 3}})  # fmt: skip
     cells = protocol_cells(cfg, ["current", "knn"])
     assert cells[0] == ("current", "current", {}, 0, 0)
     assert [(seed, shots) for _, p, _, seed, shots in cells if p == "knn"] == [(0, 1), (0, 5), (1, 1), (1, 5)]
-    assert all(options == {"k": 3} for _, p, options, _, _ in cells if p == "knn")
+    assert all(options == {"chunk_size": 3} for _, p, options, _, _ in cells if p == "knn")
 
 
 def test_a_row_is_transductive_if_its_outcome_protocol_or_subject_is():

@@ -77,6 +77,82 @@ def test_saved_dataset_dict_round_trip(tmp_path):
     assert task.splits["test"].labels == [1, 0] and len(task.splits["validation"]) == 1
 
 
+def _renamed_dataset_dict(folder):
+    """A saved DatasetDict with its own column and split names (like a Hub dataset: sentence / sentiment, dev)."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    features = Features({"sentence": Value("string"), "sentiment": ClassLabel(names=["bad", "good"]), "idx": Value("int32")})
+    rows = {"fit": (["a", "b", "c", "d"], [0, 1, 0, 1]), "dev": (["e", "f"], [1, 0]), "heldout": (["g", "h", "i"], [1, 1, 0])}
+    DatasetDict({
+        split: Dataset.from_dict({"sentence": texts, "sentiment": labels, "idx": list(range(len(texts)))}, features=features)
+        for split, (texts, labels) in rows.items()
+    }).save_to_disk(str(folder))  # fmt: skip
+    return folder
+
+
+def test_saved_dataset_dict_with_a_column_and_split_mapping(tmp_path):
+    folder = _renamed_dataset_dict(tmp_path / "hf")
+    splits = {"train": "fit", "validation": "dev", "test": "heldout"}
+    task = load_task("sent", folder, text_column="sentence", label_column="sentiment", splits=splits)
+    assert task.label_names == ["bad", "good"]
+    assert task.splits["train"].texts == ["a", "b", "c", "d"] and task.splits["train"].labels == [0, 1, 0, 1]
+    assert task.splits["validation"].labels == [1, 0] and task.splits["test"].texts == ["g", "h", "i"]
+    assert task.splits["test"].labels == [1, 1, 0]
+    assert task.provenance["splits"] == splits and task.provenance["sizes"] == {"train": 4, "validation": 2, "test": 3}
+    with pytest.raises(DataError, match="has no split 'val' \\(mapped from validation\\).*fix the task's splits"):
+        load_task("sent", folder, text_column="sentence", label_column="sentiment", splits={**splits, "validation": "val"})
+    with pytest.raises(DataError, match="no 'text' column.*sentence.*set text_column"):
+        load_task("sent", folder, label_column="sentiment", splits=splits)
+    with pytest.raises(DataError, match="has no train split \\(splits: fit, dev, heldout\\); map one"):
+        load_task("sent", folder, text_column="sentence", label_column="sentiment")
+    with pytest.raises(DataError, match="only train, validation, test can be mapped"):
+        load_task("sent", folder, splits={"holdout": "heldout"})
+
+
+def test_folder_split_mapping_reads_other_file_stems(tmp_path):
+    _frame(9).to_csv(tmp_path / "fit.csv", index=False)
+    _frame(3).to_csv(tmp_path / "heldout.csv", index=False)
+    _frame(3).to_csv(tmp_path / "test.csv", index=False)
+    task = load_task("t", tmp_path, splits={"train": "fit", "test": "heldout"})
+    assert {s: len(v) for s, v in task.splits.items()} == {"train": 9, "test": 3}
+    assert task.provenance["files"]["test"].endswith("heldout.csv")
+    with pytest.raises(DataError, match="no train file .*expected nothere.csv"):
+        load_task("t", tmp_path, splits={"train": "nothere"})
+
+
+def test_hub_dataset_offline_error_says_how_to_bring_it(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def offline(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args)
+        raise ConnectionError("Couldn't reach 'glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as info:
+        load_task("sst2", source="glue", subset="sst2", text_column="sentence")
+    message = str(info.value)
+    assert "\n" not in message and calls == [("glue", "sst2")]
+    assert "task 'sst2': cannot download dataset 'glue' (subset 'sst2') from the Hugging Face Hub (offline?" in message
+    assert "datasets.load_dataset('glue', 'sst2').save_to_disk('DIR')" in message and "task's path" in message
+    with pytest.raises(DataError, match="gives both a path and a Hub source"):
+        load_task("sst2", "/some/folder", source="glue")
+    with pytest.raises(DataError, match="splits / subset apply to a path or a Hub source"):
+        load_task("election", splits={"test": "dev"})
+
+
+def test_hub_dataset_goes_through_the_column_and_split_mapping(tmp_path, monkeypatch):
+    import datasets
+
+    saved = datasets.load_from_disk(str(_renamed_dataset_dict(tmp_path / "hf")))
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, subset: saved)  # what an online load would give
+    task = load_task("sent", source="org/reviews", subset="en", text_column="sentence", label_column="sentiment",
+                     splits={"train": "fit", "validation": "dev", "test": "heldout"})  # fmt: skip
+    assert task.label_names == ["bad", "good"] and task.splits["test"].labels == [1, 1, 0]
+    assert task.provenance["source"] == "hf:org/reviews/en"
+
+
 def test_stratified_split_is_deterministic_disjoint_and_proportional():
     labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
     a, b = stratified_split(labels, [50, 20], seed=3)

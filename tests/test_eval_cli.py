@@ -40,7 +40,7 @@ def test_eval_cli_writes_rows_and_prints_table(tmp_path):
     merged = mergelab.merge("weight_average", bare, list(experts.values()), out=tmp_path / "merged").path
     args = ["eval", "--merged", str(merged), "--protocol", "current,knn,aligned,ft_classifier,linear_probe,ensemble",
             "--shots", "1,2", "--seeds", "2", "--transforms", "procrustes", "--out", str(tmp_path / "rows.json"),
-            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+            "--cache-dir", str(tmp_path / "cache"), "--option", "knn.chunk_size=3", "--option", "linear_probe.steps=50"]  # fmt: skip
     for task in experts:
         args += ["--finetuned", f"{task}={experts[task]}", "--data", f"{task}={tasks[task]}"]
     result = runner.invoke(app, args)

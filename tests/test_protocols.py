@@ -115,11 +115,11 @@ def test_registry_names_flags_and_errors(toy: Toy):
         run_protocol("aligned", toy.ctx(), transform="procrustes", bogus=1)
     with pytest.raises(ConfigError, match="its options are: .none."):
         run_protocol("current", toy.ctx(), lr=1.0)
-    with pytest.raises(ConfigError, match="unknown aligned transform 'shear'"):
+    with pytest.raises(ConfigError, match="protocol 'aligned': option 'transform' must be one of affine, .*got 'shear'"):
         run_protocol("aligned", toy.ctx(), transform="shear")
     with pytest.raises(ConfigError, match="'lr' must be a positive number"):
         run_protocol("ft_classifier", toy.ctx(), lr=-1.0)
-    with pytest.raises(ConfigError, match="'weight_decay' must be >= 0"):
+    with pytest.raises(ConfigError, match="'weight_decay' must be a number >= 0, got -1.0"):
         run_protocol("linear_probe", toy.ctx(), weight_decay=-1.0)
     with pytest.raises(ConfigError, match="'alpha' must be a number >= 0"):
         run_protocol("aligned", toy.ctx(), alpha=-1.0)

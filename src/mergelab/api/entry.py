@@ -4,6 +4,9 @@ The method's spec decides the route: ``"streaming"`` methods go through the stre
 (``mergelab.merging.api.merge_streaming``, one tensor at a time, any checkpoint size), ``"in_memory"`` ones read each
 task's data and merge whole small models (``mergelab.learned.api.merge_with_data``). Callers never branch on the
 kind of method; ``merge_experts`` is the form for callers that hold every task's data anyway (the benchmark).
+
+``device`` goes to either route: the in-memory one runs the models there (default ``"auto"``, the CPU on a CPU-only
+machine), the streaming engine does its arithmetic there (default None: on the CPU, as the readers and writer are).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 
 from mergelab.api.registry import build_method, get_method_spec, list_methods
+from mergelab.core.device import DeviceLike
 from mergelab.core.errors import ConfigError
 from mergelab.data.types import TextTask
 from mergelab.learned.api import info_as_json, merge_with_data
@@ -30,7 +34,7 @@ from mergelab.merging.spec import MethodSpec, Reads
 PathLike = str | os.PathLike[str]
 DataSource = TextTask | PathLike
 STREAMING_OPTIONS = ("include", "exclude", "dtype", "max_shard_size", "allow_nonfinite")
-DATA_OPTIONS = ("max_length", "batch_size", "seed", "memo")
+DATA_OPTIONS = ("max_length", "batch_size", "seed", "memo", "device")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ def merge(
     batch_size: int | None = None,
     seed: int | None = None,
     memo: dict[Any, Any] | None = None,
+    device: DeviceLike | None = None,
     **params: Any,
 ) -> MergeResult:
     """Merge ``models`` (fine-tunes of ``base``) with ``method`` (see ``list_methods()``) and its ``params``.
@@ -89,14 +94,16 @@ def merge(
     ``include`` / ``exclude`` tensor regexes (default: every float tensor but the heads), ``dtype`` of the output,
     ``max_shard_size``, ``allow_nonfinite``; data-dependent methods only: ``max_length`` (tokens per input, 64),
     ``batch_size`` (tokenisation batch, 32), ``seed`` (input sampling, 0), ``memo`` (a dict kept across calls on the
-    same models and data; it caches what does not depend on every parameter). A method that declares a parameter
+    same models and data; it caches what does not depend on every parameter), ``device`` (where the models run:
+    ``"auto"`` when unset, i.e. CUDA, else MPS, else the CPU; the merged state comes back on the CPU). A method that
+    declares a parameter
     named ``seed`` or ``batch_size`` (DARE, AdaMerging) receives the value as that parameter. Everything else in
     ``**params`` is a method parameter, validated against the method's ``Params``.
     """
     spec = get_method_spec(method)
     options = {"include": include, "exclude": exclude, "dtype": dtype, "max_shard_size": max_shard_size,
                "allow_nonfinite": allow_nonfinite, "max_length": max_length, "batch_size": batch_size, "seed": seed,
-               "memo": memo}  # fmt: skip
+               "memo": memo, "device": device}  # fmt: skip
     params, options = route_options(spec, params, options)
     named = name_models(models)
     built = build_method(method, params, len(named))
@@ -114,13 +121,15 @@ def merge_experts(
     *,
     max_length: int | None = None,
     memo: dict[Any, Any] | None = None,
+    device: DeviceLike | None = None,
     **params: Any,
 ) -> MergeResult:
     """``merge`` for callers that hold every expert's task (the benchmark): a method that reads data gets ``tasks``
-    and the reading options, a weight-space method merges the weights only."""
+    and the reading options (and ``device``), a weight-space method merges the weights only (on ``device`` once the
+    streaming engine takes one)."""
     if not get_method_spec(method).reads_data:
-        return merge(method, base, experts, **params)
-    return merge(method, base, experts, data=tasks, max_length=max_length, memo=memo, **params)
+        return merge(method, base, experts, device=device, **params)
+    return merge(method, base, experts, data=tasks, max_length=max_length, memo=memo, device=device, **params)
 
 
 def route_options(
@@ -134,7 +143,7 @@ def route_options(
             params[key] = options.pop(key)
     given = [key for key, value in options.items() if value is not None and value is not False]
     unused, why = (STREAMING_OPTIONS, "it reads task data and runs in memory") if spec.reads_data else (
-        DATA_OPTIONS, "it merges weights only")  # fmt: skip
+        tuple(k for k in DATA_OPTIONS if k != "device"), "it merges weights only")  # fmt: skip
     wrong = [key for key in given if key in unused]
     if wrong:
         raise ConfigError(f"option(s) {', '.join(wrong)} do not apply to method '{spec.name}': {why}")
@@ -183,7 +192,8 @@ def _merge_streaming(
                            include=(r".*",) if include is None else include,
                            exclude=DEFAULT_EXCLUDE if exclude is None else exclude, dtype=options.get("dtype"),
                            max_shard_size=options.get("max_shard_size") or "2GB",
-                           allow_nonfinite=bool(options.get("allow_nonfinite")))  # fmt: skip
+                           allow_nonfinite=bool(options.get("allow_nonfinite")),
+                           device=options.get("device"))  # fmt: skip
 
 
 def _merge_in_memory(

@@ -59,7 +59,7 @@ def evaluate_multitask(ctx: RunContext, refs: References) -> None:
     pool = ctx.pool
     with ctx.timings.timed("multitask"):
         path = get_or_train_multitask(pool.cache_dir, pool.base_path, list(pool.tasks.values()), threads=ctx.cfg.threads,
-                                      **ctx.cfg.finetune.model_dump())  # fmt: skip
+                                      device=ctx.device, **ctx.cfg.finetune.model_dump())  # fmt: skip
     models = load_multitask(path, {n: t.label_names for n, t in pool.tasks.items()})
     fingerprint = checkpoint_fingerprint(path)
     encoder = next(iter(models.values())).encoder
@@ -78,7 +78,8 @@ def train_neulig(ctx: RunContext, spec: NeuLigOptions, test_features: Mapping[st
     pool = ctx.pool
     with ctx.timings.timed("neulig"):
         return neulig_with_data({n: e.path for n, e in pool.experts.items()}, {n: pool.tasks[n] for n in pool.experts},
-                                spec, max_length=ctx.cfg.eval_max_length, test_features=test_features)  # fmt: skip
+                                spec, max_length=ctx.cfg.eval_max_length, test_features=test_features,
+                                device=ctx.device)  # fmt: skip
 
 
 def neulig_row(subject: Subject, task: str, seed: int, report: NeuLigReport, first_rule: str,

@@ -22,6 +22,7 @@ from mergelab.bench.store import cell_key
 from mergelab.bench.timing import torch_threads
 from mergelab.data.types import TextTask
 from mergelab.evaluation.api import expand_cells
+from mergelab.evaluation.devices import on_device
 from mergelab.evaluation.protocols.common import ProtocolContext, ProtocolOutcome
 from mergelab.evaluation.protocols.registry import get_protocol, run_protocol
 from mergelab.evaluation.results import ModelKind, ResultRow, params_json
@@ -107,6 +108,7 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: Mapping[str, T
         context = ProtocolContext(task=task, evaluated=feats, head=(heads or {}).get(task, ctx.experts[task].head),
                                   finetuned=refs.finetuned[task], ensemble_features=(ensemble or {}).get(task, []),
                                   eval_split="test")  # fmt: skip
+        context = on_device(context, ctx.device)  # the CPU: the very same context
         rows = {key: run_cell(ctx, subject, context, cell, refs.test_accuracy.get(task)) for key, cell in pending}
         ctx.store.add(rows)  # one transaction per (subject, task): all or nothing
     ctx.log(f"evaluated {subject.model.value}/{subject.method} {params_json(subject.params)}")
@@ -127,8 +129,8 @@ def finetuned_references(ctx: RunContext, finetuned: Mapping[str, TaskFeatures])
     test, validation = {}, {}
     for name, feats in finetuned.items():
         head = ctx.experts[name].head
-        test[name] = run_protocol("current", ProtocolContext(name, feats, head, feats)).accuracy
+        test[name] = run_protocol("current", on_device(ProtocolContext(name, feats, head, feats), ctx.device)).accuracy
         if "validation" in feats.splits:
-            context = ProtocolContext(name, feats, head, feats, eval_split="validation")
+            context = on_device(ProtocolContext(name, feats, head, feats, eval_split="validation"), ctx.device)
             validation[name] = run_protocol("current", context).accuracy
     return References(finetuned, test, validation)

@@ -4,26 +4,53 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from mergelab.bench.methods import validate_method_params
 from mergelab.core.config import StrictModel, load_yaml_config
 from mergelab.core.errors import ConfigError
 from mergelab.evaluation.protocols.aligned import TRANSFORMS
-from mergelab.evaluation.protocols.registry import protocol_infos
+from mergelab.evaluation.protocols.registry import protocol_infos, validate_protocol_options
 from mergelab.finetune.config import FinetuneConfig
 from mergelab.learned.neulig import NeuLigOptions
 
 PROTOCOLS = tuple(protocol_infos())  # the registry's names: a protocol added there is accepted here
 
 
-class TaskSpec(StrictModel):
+class OptionalKeysModel(StrictModel):
+    """A config section whose optional keys in ``omit_when_none`` are left out of its dump while unset, so adding
+    one changes neither the stored config nor the cache keys of configs that do not use it."""
+
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {key: value for key, value in data.items() if not (value is None and key in self.omit_when_none)}
+
+
+class TaskSpec(OptionalKeysModel):
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"source", "subset", "splits"})
+
     name: str = Field(description="built-in offline task name, or the name of a user task")
     path: str | None = Field(default=None, description="folder with train/test(/validation) files or a saved DatasetDict")
+    source: str | None = Field(default=None, description="a Hugging Face Hub dataset id (datasets.load_dataset)")
+    subset: str | None = Field(default=None, description="the Hub dataset's configuration, e.g. 'sst2' of 'glue'")
+    splits: dict[Literal["train", "validation", "test"], str] | None = Field(
+        default=None, description="the dataset's split (or file stem) for train / validation / test, if not so named"
+    )
     text_column: str = "text"
     label_column: str = "label"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        if self.path is not None and self.source is not None:
+            raise ValueError(f"task '{self.name}' gives both path and source; give a local path or a Hub dataset id")
+        if self.path is None and self.source is None and (self.subset is not None or self.splits is not None):
+            raise ValueError(f"task '{self.name}': subset / splits need a path or a source")
+        return self
 
 
 class DataSpec(StrictModel):
@@ -48,11 +75,18 @@ class MethodSpec(StrictModel):
         return self.label or self.name
 
 
-class ExperimentConfig(StrictModel):
+class ExperimentConfig(OptionalKeysModel):
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"experts"})
+
     base: str = Field(default="minilm", description="'minilm' (offline all-MiniLM-L6-v2), a local path, or an HF id")
     tasks: list[TaskSpec] = Field(min_length=1)
     data: DataSpec = Field(default_factory=DataSpec)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="the experts' recipe")
+    experts: dict[str, str] | None = Field(
+        default=None, description="existing experts, task → classifier folder or Hub id, used instead of fine-tuning "
+        "(checked against the base); every task needs one; finetune then serves only the multi-task baseline and "
+        "the default evaluation max_length"
+    )  # fmt: skip
     methods: list[MethodSpec] = Field(default_factory=list)
     protocols: list[Literal[PROTOCOLS]] = Field(default_factory=lambda: ["current", "knn", "ft_classifier"])  # type: ignore[valid-type]
     transforms: list[Literal[TRANSFORMS]] = Field(default_factory=lambda: ["orthogonal", "procrustes"])  # type: ignore[valid-type]
@@ -75,6 +109,8 @@ class ExperimentConfig(StrictModel):
     batch_size: int = 64
     threads: int = Field(default=2, ge=1, description="torch threads for fine-tuning and feature extraction")
     protocol_threads: int = Field(default=1, ge=1, description="torch threads for the few-shot protocols (dense ones, aligned and surgery, use threads)")
+    device: str | None = Field(default=None, exclude=True, description="where models and protocols run: auto "
+                               "(unset: CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps; not in the stored config")
 
     @field_validator("shots")
     @classmethod
@@ -82,6 +118,18 @@ class ExperimentConfig(StrictModel):
         if not shots or any(k < 1 for k in shots):
             raise ValueError("shots must be a non-empty list of positive integers")
         return sorted(set(shots))
+
+    @field_validator("protocol_options")
+    @classmethod
+    def _known_protocol_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Each protocol's options checked by its options model at load time; the dict is kept as written (the
+        stored config dump does not change), the protocols fill in their defaults when they run."""
+        for name, values in options.items():
+            try:
+                validate_protocol_options(name, values)
+            except ConfigError as exc:
+                raise ConfigError(f"protocol_options: {exc}") from None
+        return options
 
     @model_validator(mode="after")
     def _check_names(self) -> ExperimentConfig:
@@ -91,6 +139,17 @@ class ExperimentConfig(StrictModel):
         labels = [m.display for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"two methods share the display name in {labels}; give one a 'label'")
+        return self
+
+    @model_validator(mode="after")
+    def _experts_cover_tasks(self) -> ExperimentConfig:
+        if self.experts is None:
+            return self
+        names = [t.name for t in self.tasks]
+        missing, unknown = [n for n in names if n not in self.experts], sorted(set(self.experts) - set(names))
+        if missing or unknown:
+            raise ValueError(f"experts must give exactly one expert per task (tasks: {names}); "
+                             f"missing: {missing}, not a task: {unknown}")  # fmt: skip
         return self
 
     @property

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergelab.bench.config import ExperimentConfig
 from mergelab.bench.pool import Expert, ExpertPool, Log
 from mergelab.bench.store import ResultStore
 from mergelab.bench.timing import Timings
+from mergelab.core.device import CPU
 from mergelab.data.types import TextTask
 from mergelab.evaluation.features import FeatureCache
 from mergelab.evaluation.types import TaskFeatures
@@ -21,7 +24,8 @@ ALL_SPLITS = ("train", "validation", "test")
 @dataclass(frozen=True)
 class RunContext:
     """One run: its config, folder and store, the expert pool, the few-shot ``eval_tasks`` (train split cut to
-    the pool the protocols sample from), the ``run_key`` every cell key carries, and the feature cache."""
+    the pool the protocols sample from), the ``run_key`` every cell key carries, the feature cache, and the
+    ``device`` models and protocols run on (results are stored from the CPU)."""
 
     cfg: ExperimentConfig
     run_dir: Path
@@ -32,6 +36,7 @@ class RunContext:
     feature_cache: FeatureCache
     timings: Timings
     log: Log
+    device: torch.device = CPU
 
     @property
     def experts(self) -> Mapping[str, Expert]:

@@ -1,4 +1,8 @@
-"""Are the upper bounds bounds? Each expert against its frozen-encoder probe and the majority-class rate.
+"""Are the experts experts? Given ones are checked against the base; every one is scored against its bars.
+
+Experts a config gives (``experts:``) must be fine-tunes of the base: the same model type, every floating-point
+base tensor present with the base's shape (checked on headers, no weights read), and not a copy of the base (the
+first differing tensor ends the comparison). Their labels are checked against the task's when they are loaded.
 
 An expert that does not beat the linear probe trained on the same train examples with the encoder frozen (or the
 majority-class rate) is under-trained, and its "fine-tuned upper bound" is not one; the run flags it.
@@ -14,9 +18,56 @@ from typing import Any
 import torch
 
 from mergelab.bench.store import ResultStore
+from mergelab.core.errors import CheckpointError
 from mergelab.evaluation.protocols.common import accuracy
 from mergelab.finetune.experts import TRAINING_LOG, load_probe
+from mergelab.io.alignment import AlignedReader, align
+from mergelab.io.reader import CheckpointReader, open_checkpoint, read_config
 from mergelab.models.task_model import head_output_count
+
+
+def weight_names(reader: CheckpointReader) -> list[str]:
+    """The base's floating-point tensors: what a merge reads from every expert (integer buffers such as
+    ``position_ids`` are not weights)."""
+    return [name for name in reader.keys() if reader.dtype(name).is_floating_point]
+
+
+def check_architecture(task: str, expert: CheckpointReader, base: CheckpointReader) -> AlignedReader:
+    """The expert in the base's layout; another model type, a missing base tensor or another shape is an error."""
+    where = f"expert '{task}' ({expert.path})"
+    base_type, expert_type = read_config(base).get("model_type"), read_config(expert).get("model_type")
+    if base_type and expert_type and base_type != expert_type:
+        raise CheckpointError(f"{where} is a {expert_type} model but the base {base.path} is {base_type}; "
+                              "give experts fine-tuned from the base")  # fmt: skip
+    aligned = align(base, expert)
+    names = weight_names(base)
+    missing = [name for name in names if name not in aligned]
+    if missing:
+        raise CheckpointError(f"{where} lacks {len(missing)} of the base's {len(names)} tensors ({missing[:3]}): "
+                              f"it is not a fine-tune of the base {base.path}")  # fmt: skip
+    for name in names:
+        if tuple(aligned.shape(name)) != tuple(base.shape(name)):
+            shapes = f"{list(aligned.shape(name))} but the base's has {list(base.shape(name))}"
+            raise CheckpointError(f"{where}: tensor '{name}' has shape {shapes}; it is not a fine-tune of the base "
+                                  f"{base.path}")  # fmt: skip
+    return aligned
+
+
+def check_differs_from_base(task: str, expert: AlignedReader, base: CheckpointReader) -> None:
+    """An expert whose every base tensor equals the base's (in the expert's dtype) is a copy of the base."""
+    for name in weight_names(base):
+        theirs = expert.get(name)
+        if not torch.equal(theirs, base.get(name).to(theirs.dtype)):
+            return
+    raise CheckpointError(f"expert '{task}' ({expert.path}) has exactly the base's weights: it is a copy of the base, "
+                          "not a fine-tuned expert; give the fine-tuned checkpoint")  # fmt: skip
+
+
+def check_given_experts(paths: Mapping[str, Path], base_path: Path) -> None:
+    """Every given expert is a fine-tune of the base: same architecture and tensors, different weights."""
+    base = open_checkpoint(base_path)
+    for task, path in paths.items():
+        check_differs_from_base(task, check_architecture(task, open_checkpoint(path), base), base)
 
 
 def majority_rate(labels: torch.Tensor) -> float:

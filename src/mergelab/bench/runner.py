@@ -41,6 +41,7 @@ from mergelab.bench.report import build_report
 from mergelab.bench.selection import Memo, build_merged_encoder, choose_params
 from mergelab.bench.store import ResultStore
 from mergelab.bench.timing import Timings
+from mergelab.core.device import resolve_device
 from mergelab.core.errors import ConfigError
 from mergelab.core.paths import default_cache_dir
 from mergelab.evaluation.features import FeatureCache
@@ -73,6 +74,8 @@ def claim_run_dir(store: ResultStore, cfg: ExperimentConfig, run_dir: Path) -> N
 def open_run(cfg: ExperimentConfig, run_dir: Path, store: ResultStore, cache_dir: Path, log: Log) -> RunContext:
     """Claim the run folder, bring up the experts (trained or cached) and the few-shot pools: the run's context."""
     claim_run_dir(store, cfg, run_dir)
+    device = resolve_device(cfg.device)  # unset: auto (the CPU on a CPU-only machine)
+    store.set_meta("device", str(device))
     timings = Timings()
     pool = load_expert_pool(cfg, cache_dir, log, timings)
     store.set_meta("provenance", {n: getattr(t, "provenance", {}) for n, t in pool.tasks.items()})
@@ -80,7 +83,7 @@ def open_run(cfg: ExperimentConfig, run_dir: Path, store: ResultStore, cache_dir
     eval_tasks = {n: fewshot_pool(t, per_class, cfg.data.seed) for n, t in pool.tasks.items()}
     store.set_meta("fewshot_pool", fewshot_pool_sizes(eval_tasks, per_class))
     return RunContext(cfg, run_dir, store, pool, MappingProxyType(eval_tasks), run_key(pool.experts, eval_tasks),
-                      FeatureCache(cache_dir / "features", progress=True), timings, log)  # fmt: skip
+                      FeatureCache(cache_dir / "features", progress=True, device=device), timings, log, device)  # fmt: skip
 
 
 def method_protocols(cfg: ExperimentConfig, spec: MethodSpec) -> list[str]:

@@ -16,6 +16,7 @@ from mergelab.bench.context import RunContext
 from mergelab.bench.methods import merge_state
 from mergelab.bench.store import ResultStore
 from mergelab.core.errors import ConfigError
+from mergelab.evaluation.devices import on_device
 from mergelab.evaluation.protocols.common import ProtocolContext
 from mergelab.evaluation.protocols.registry import run_protocol
 from mergelab.evaluation.results import params_json
@@ -52,7 +53,7 @@ def build_merged_encoder(ctx: RunContext, spec: MethodSpec, params: dict[str, An
         with ctx.timings.timed("merging"):
             state, info = merge_state(spec.name, pool.base_path, {n: e.path for n, e in pool.experts.items()},
                                       {n: pool.tasks[n] for n in pool.experts}, params,
-                                      max_length=ctx.cfg.eval_max_length, memo=memo)  # fmt: skip
+                                      max_length=ctx.cfg.eval_max_length, memo=memo, device=ctx.device)  # fmt: skip
             if info is not None:
                 record_learned(ctx.store, spec, params, info)
             return load_encoder(state, pool.base_path, pooling=pool.pooling)
@@ -91,8 +92,9 @@ def validation_score(ctx: RunContext, encoder: Callable[[], Any], fingerprint: s
                 f"task '{name}' has no validation split, so grid values cannot be chosen honestly; add a "
                 "validation file to its folder or replace the method's grid by fixed params"
             )
-        context = ProtocolContext(task=name, evaluated=ctx.features(encoder, fingerprint, name, splits),
-                                  head=ctx.experts[name].head, finetuned=refs.finetuned[name], eval_split="validation")  # fmt: skip
+        context = on_device(ProtocolContext(task=name, evaluated=ctx.features(encoder, fingerprint, name, splits),
+                                            head=ctx.experts[name].head, finetuned=refs.finetuned[name],
+                                            eval_split="validation"), ctx.device)  # fmt: skip
         result = run_protocol(protocol, context, seed=0, shots=shots, **ctx.cfg.protocol_options.get(protocol, {}))
         scores.append(result.accuracy / max(refs.validation_accuracy[name], 1e-9))
     return sum(scores) / len(scores)

@@ -29,12 +29,17 @@ def bench_command(
     out: Path = typer.Option(..., "--out", help="run folder: results store, results.csv, report"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="experts and features cache (default: XDG cache)"),
     budgets: str = typer.Option(DEFAULT_BUDGETS, "--budgets", help="pleas only: width budgets between 1.0 and 2.0"),
+    device: str = typer.Option(None, "--device", help="where models and protocols run: auto (CUDA, else MPS, else "
+                               "CPU), cpu, cuda, cuda:N, mps (default: the config's device:, else auto)"),  # fmt: skip
 ) -> None:
     """Run (or resume) an experiment: experts, merges with validation-chosen grids, protocols, report."""
     if config == PLEAS and not Path(config).is_file():
+        if device not in (None, "auto", "cpu"):
+            raise ConfigError(f"--device {device}: the PLeaS benchmark runs on the CPU; drop --device")
         typer.echo(f"report: {run_pleas_benchmark(out, cache_dir, parse_budgets(budgets))}")
         return
-    run_experiment(experiment_config(config), out, cache_dir)
+    cfg = experiment_config(config)
+    run_experiment(cfg if device is None else cfg.model_copy(update={"device": device}), out, cache_dir)
 
 
 @app.command("report")

@@ -35,6 +35,8 @@ def merge_command(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="merge even if inputs hold NaN/Inf"),
     data: list[str] = typer.Option(None, "--data", help="data-dependent methods: each --model's task data "
                                    "(TASK=PATH, or PATH in --model order)"),  # fmt: skip
+    device: str = typer.Option(None, "--device", help="data-dependent methods: where the models run on the data: "
+                               "auto (default: CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps"),  # fmt: skip
 ) -> None:
     """Merge fine-tuned checkpoints of one base model into one checkpoint (any method of `mergelab methods`)."""
     from mergelab.api import merge  # lazy: torch, pydantic (module doc)
@@ -58,7 +60,7 @@ def merge_command(
             bar.update(task, completed=done, total=total, description=f"{cfg.method}: {phase}")
 
         result = merge(cfg.method, cfg.base, task_inputs(cfg.models, "--model"),
-                       data=task_inputs(cfg.data, "--data") or None, out=cfg.out, progress=report,
+                       data=task_inputs(cfg.data, "--data") or None, out=cfg.out, progress=report, device=device,
                        **{**cfg.params, **cfg.options()})  # fmt: skip
     typer.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} -> {result.path}")
     learned = {k: v for k, v in result.record().items() if k != "method"}
@@ -117,6 +119,8 @@ def neulig_command(
     seed: int = typer.Option(None, "--seed", help="router init, batches, train sample"),
     max_length: int = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", help="tokens per input"),
     out: Path = typer.Option(None, "--out", help="also write the per-task results as JSON (atomically)"),
+    device: str = typer.Option("auto", "--device", help="where the encoders run: auto (CUDA, else MPS, else CPU), "
+                               "cpu, cuda, cuda:N, mps (the router trains on the CPU)"),  # fmt: skip
 ) -> None:
     """NeuLig: train the router over the experts' features, then compare merging with ensembling per task.
 
@@ -129,7 +133,7 @@ def neulig_command(
     given = {"loss": loss, "steps": steps, "lr": lr, "batch_size": batch_size, "train_examples": train_examples,
              "test_examples": test_examples, "weights_from": rules, "eval_batch_size": eval_batch_size, "seed": seed}
     report = neulig_with_data(finetuned, folders, {k: v for k, v in given.items() if v is not None},
-                              max_length=max_length)  # fmt: skip
+                              max_length=max_length, device=device)  # fmt: skip
     console().print(_neulig_table(report))
     if out is not None:
         averages = {rule: report.average_of(rule) for rule in report.variants}

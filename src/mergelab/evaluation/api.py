@@ -10,13 +10,15 @@ from typing import Any
 import torch
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import DEFAULT_PRECISION, DeviceLike, resolve_device
 from mergelab.core.errors import ConfigError
 from mergelab.core.paths import default_cache_dir
 from mergelab.data.tasks import load_task
+from mergelab.evaluation.devices import on_device
 from mergelab.evaluation.features import FeatureCache
 from mergelab.evaluation.protocols.aligned import aligned_cells
 from mergelab.evaluation.protocols.common import ProtocolContext
-from mergelab.evaluation.protocols.registry import get_protocol, protocol_infos, run_protocol
+from mergelab.evaluation.protocols.registry import get_protocol, protocol_infos, run_protocol, validate_protocol_options
 from mergelab.evaluation.results import ResultRow, normalized
 from mergelab.evaluation.types import TaskFeatures
 from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
@@ -71,6 +73,16 @@ def check_inputs(finetuned: Mapping[str, Any], data: Mapping[str, Any], protocol
         raise ConfigError(f"unknown protocol(s) {unknown}; choose from {', '.join(known)}")
 
 
+def checked_options(protocol_options: Mapping[str, Mapping[str, Any]] | None,
+                    cells: Sequence[tuple[str, str, dict[str, Any], int, int]]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """``protocol_options`` validated by each protocol's options model, and so every cell's options (the protocol's
+    with the cell's own), before anything runs; the options as given, in their declared types."""
+    checked = {name: validate_protocol_options(name, options) for name, options in (protocol_options or {}).items()}
+    for _, protocol, options, _, _ in cells:
+        validate_protocol_options(protocol, {**checked.get(protocol, {}), **options})
+    return checked
+
+
 def experts_pooling(experts: Mapping[str, TaskModel]) -> str | None:
     """The feature the experts' heads read (their pooling); experts of mixed kinds are an error."""
     poolings = {name: getattr(model.encoder, "pooling", None) for name, model in experts.items()}
@@ -103,6 +115,8 @@ def evaluate(
     protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
     model_name: str = "merged",
     progress: bool = True,
+    device: DeviceLike = "auto",
+    precision: str = DEFAULT_PRECISION,
 ) -> list[ResultRow]:
     """Evaluate the encoder ``merged`` on each task of ``data`` against its fine-tuned model in ``finetuned``.
 
@@ -111,9 +125,16 @@ def evaluate(
     the task's head); ``data`` maps task → data folder or saved DatasetDict. ``num_seeds`` seeds from ``seed`` are
     run for each seeded protocol and shot count. Returns one ``ResultRow`` per (protocol, task, seed, shots) with
     accuracy, normalised accuracy (÷ the fine-tuned model's own accuracy) and the transductive mark. Features are cached on disk: a second protocol, seed or shot count runs no encoder forward pass.
+    ``device`` (default ``"auto"``: CUDA, else MPS, else the CPU, so on a CPU-only machine nothing changes) runs the
+    encoders and the protocols; ``precision`` (fp32, or bf16 / fp16 on an accelerator) autocasts the encoders and
+    is part of the feature cache key when not fp32. Features are cached, and results returned, on the CPU.
     """
     check_inputs(finetuned, data, protocols)
-    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress)
+    cells = expand_cells(protocols, shots, num_seeds, transforms, protocol_options, seed=seed)
+    protocol_options = checked_options(protocol_options, cells)
+    where = resolve_device(device)
+    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress,
+                         device=where, precision=precision)  # fmt: skip
     tasks = {name: load_task(name, path) for name, path in data.items()}
     experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
     expert_fp = {name: checkpoint_fingerprint(path) for name, path in finetuned.items()}
@@ -123,14 +144,13 @@ def evaluate(
         splits = tuple(s for s in ("train", "validation", "test") if s in task.splits)
         return cache.features(enc, fp, task, splits=splits, max_length=max_length, batch_size=batch_size)
 
-    cells = expand_cells(protocols, shots, num_seeds, transforms, protocol_options, seed=seed)
     rows = []
     for name, task in tasks.items():
         ft = feats(experts[name].encoder, expert_fp[name], task)
         ens = []
         if "ensemble" in protocols:
             ens = [ft if other == name else feats(experts[other].encoder, expert_fp[other], task) for other in tasks]
-        context = ProtocolContext(name, feats(encoder, merged_fp, task), experts[name].head, ft, ens)
+        context = on_device(ProtocolContext(name, feats(encoder, merged_fp, task), experts[name].head, ft, ens), where)
         rows += task_rows(context, cells, protocol_options, model_name)
     return rows
 

@@ -1,6 +1,7 @@
 """Feature extraction, computed once: batched, no-grad, eval-mode, cached on disk by content.
 
-Cache key: (encoder content fingerprint, task content hash, split, feature kind, max length). Each entry is one
+Cache key: (encoder content fingerprint, task content hash, split, feature kind, max length, and the autocast
+precision when it is not the default fp32, so an fp32 key is the same on every device). Each entry is one
 safetensors file (``features`` [N, d] float32, ``labels`` [N] int64, the key fields as metadata) written atomically
 (temporary file + ``os.replace``); an unreadable, truncated or mismatching file is recomputed and overwritten.
 Every protocol reads these features, so a second protocol, seed or shot count runs no encoder forward pass. The
@@ -9,6 +10,9 @@ teacher quantities need no extra entry: a fine-tuned model's logits are ``head(f
 Encoders: a ``TextEncoder`` (``mergelab.models.hf``: has ``encode_texts``) reads a split's ``texts``; any other
 ``nn.Module`` maps a batch tensor to [B, d] and reads a split's ``inputs`` tensor (a user task whose splits carry
 ``inputs`` and ``labels``, with ``content_hash()`` on the task).
+
+Devices: ``FeatureCache(device=...)`` runs the encoder there (moved for the computation and moved back afterwards;
+None: wherever the encoder already is); features always come back and are stored on the CPU as float32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import (
+    DEFAULT_PRECISION,
+    DeviceLike,
+    autocast,
+    autocast_dtype,
+    check_precision,
+    module_device,
+    placed,
+    resolve_device,
+)
 from mergelab.core.errors import ConfigError, DataError
 from mergelab.core.progress import progress_bar
 from mergelab.evaluation.types import SplitFeatures, TaskFeatures
@@ -35,10 +49,13 @@ FORMAT = "mergelab-features-v1"
 Advance = Callable[[int], None] | None
 
 
-def cache_key(fingerprint: str, task_hash: str, split: str, kind: str, max_length: int) -> dict[str, str]:
-    """The fields that identify one cached entry (stored in the file's metadata and hashed into its name)."""
-    return {"format": FORMAT, "encoder": str(fingerprint), "task": str(task_hash), "split": str(split),
-            "kind": str(kind), "max_length": str(int(max_length))}  # fmt: skip
+def cache_key(fingerprint: str, task_hash: str, split: str, kind: str, max_length: int,
+              precision: str = DEFAULT_PRECISION) -> dict[str, str]:  # fmt: skip
+    """The fields that identify one cached entry (stored in the file's metadata and hashed into its name); the
+    precision is a field only when it is not fp32, so fp32 keys (and files) are those of earlier versions."""
+    key = {"format": FORMAT, "encoder": str(fingerprint), "task": str(task_hash), "split": str(split),
+           "kind": str(kind), "max_length": str(int(max_length))}  # fmt: skip
+    return key if precision == DEFAULT_PRECISION else {**key, "precision": str(precision)}
 
 
 def cache_file(folder: Path, key: dict[str, str]) -> Path:
@@ -49,23 +66,24 @@ def cache_file(folder: Path, key: dict[str, str]) -> Path:
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 256,
-                     progress: Advance = None) -> torch.Tensor:  # fmt: skip
-    """float32 features [N, d] of a user encoder (batch tensor → [B, d]) on ``inputs``, batched, eval, no-grad."""
+                     progress: Advance = None, precision: str = DEFAULT_PRECISION) -> torch.Tensor:  # fmt: skip
+    """float32 features [N, d] on the CPU of a user encoder (batch tensor → [B, d]) on ``inputs``, batched, eval,
+    no-grad, on the encoder's device (``precision``: autocast there)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     encoder.eval()
-    params = next(encoder.parameters(), None)
-    device = params.device if params is not None else torch.device("cpu")
+    device = module_device(encoder)
     outs = []
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        out = encoder(batch.to(device))
+        with autocast(device, precision):
+            out = encoder(batch.to(device))
         if out.ndim != 2 or len(out) != len(batch):
             raise ConfigError(
                 f"the encoder must map a batch of {len(batch)} inputs to features [B, d]; it returned shape "
                 f"{tuple(out.shape)} (flatten or pool inside the encoder)"
             )
-        outs.append(out.float().cpu())
+        outs.append(out.float().cpu())  # deliberate: features are stored and read by the protocols on the CPU
         if progress is not None:
             progress(len(batch))
     if not outs:
@@ -80,12 +98,18 @@ def _is_lazy(encoder: Any) -> bool:
 class FeatureCache:
     """Features of encoders on task splits, read from ``folder`` when present and computed (then stored) if not.
 
-    ``computed`` / ``hits`` count the splits this object computed / read from disk.
+    ``computed`` / ``hits`` count the splits this object computed / read from disk. ``device``: where encoders run
+    (None: where each already is; ``"auto"``: CUDA, else MPS, else the CPU); ``precision``: fp32 (default) or
+    bf16 / fp16 autocast on an accelerator, part of the key when not fp32.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], progress: bool = True) -> None:
+    def __init__(self, folder: str | os.PathLike[str], progress: bool = True, device: DeviceLike | None = None,
+                 precision: str = DEFAULT_PRECISION) -> None:  # fmt: skip
         self.folder = Path(folder)
         self.progress = progress
+        self.device = None if device is None else resolve_device(device)
+        autocast_dtype(precision)  # an unknown precision fails here, before any work
+        self.precision = precision if self.device is None else check_precision(self.device, precision)
         self.computed = 0
         self.hits = 0
 
@@ -107,7 +131,7 @@ class FeatureCache:
         task_hash = task.content_hash()
         out, built = {}, None
         for split in names:
-            key = cache_key(fingerprint, task_hash, split, kind, max_length)
+            key = cache_key(fingerprint, task_hash, split, kind, max_length, self.precision)
             path = cache_file(self.folder, key)
             labels = torch.as_tensor(list(task.splits[split].labels), dtype=torch.int64)
             cached = self._read(path, key, labels)
@@ -153,11 +177,18 @@ class FeatureCache:
             warnings.warn(f"cannot write the feature cache {path} ({exc}); features are not cached", stacklevel=3)
 
     def _compute(self, encoder: Any, task: Any, split: str, max_length: int, batch_size: int) -> torch.Tensor:
+        if not isinstance(encoder, torch.nn.Module):  # a duck-typed text encoder runs where it runs
+            return self._compute_here(encoder, task, split, max_length, batch_size)
+        with placed(encoder, self.device):
+            check_precision(module_device(encoder), self.precision)
+            return self._compute_here(encoder, task, split, max_length, batch_size)
+
+    def _compute_here(self, encoder: Any, task: Any, split: str, max_length: int, batch_size: int) -> torch.Tensor:
         data = task.splits[split]
         with progress_bar(self.progress, f"features {task.name}/{split}", len(data.labels)) as advance:
             if hasattr(encoder, "encode_texts"):
                 features = encoder.encode_texts(list(data.texts), max_length=max_length, batch_size=batch_size,
-                                                progress=advance)  # fmt: skip
+                                                progress=advance, precision=self.precision)  # fmt: skip
             elif isinstance(encoder, torch.nn.Module):
                 inputs = getattr(data, "inputs", None)
                 if not isinstance(inputs, torch.Tensor):
@@ -165,7 +196,8 @@ class FeatureCache:
                         f"task '{task.name}' split '{split}' has no `inputs` tensor for a tensor encoder; give the "
                         "split an `inputs` attribute or use a text encoder (mergelab.models.hf.load_encoder)"
                     )
-                features = extract_features(encoder, inputs, batch_size=batch_size, progress=advance)
+                features = extract_features(encoder, inputs, batch_size=batch_size, progress=advance,
+                                            precision=self.precision)  # fmt: skip
             else:
                 raise ConfigError(f"cannot extract features with a {type(encoder).__name__}; pass an nn.Module")
         if len(features) != len(data.labels):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH, StrictModel, validate_config
 from mergelab.core.errors import ConfigError
@@ -25,6 +25,9 @@ class FinetuneConfig(StrictModel):
     family's ``AutoModelForSequenceClassification`` (e.g. BERT's pooler + classifier). ``head_lr=None`` uses
     ``lr``. The head's random initialisation and the batch order use a seed derived from ``seed`` and the task
     name, so two tasks never start from the same head rows.
+    ``precision``: fp32 (default), or bf16 / fp16 autocast on an accelerator; it changes the weights, so it is
+    part of the dump (and the experts' cache key) when it is not fp32, and absent for fp32 (keys and stored runs
+    of earlier versions stay valid). The device is not a hyper-parameter (``finetune_expert(device=...)``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)  # the field order is the bench config's (stored in runs)
@@ -43,6 +46,17 @@ class FinetuneConfig(StrictModel):
     )  # fmt: skip
     head_init: Literal["probe", "random"] = Field(default="random", description="probe: LP-FT warm start")
     head_lr: float | None = Field(default=2e-3, gt=0, description="the head's lr (default: lr)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="fp32, or bf16 / fp16 autocast (accelerators only; fp16 with loss scaling)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump_without_default_precision(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The dump without ``precision`` when it is fp32: expert cache keys and stored bench configs unchanged."""
+        data = handler(self)
+        if self.precision == "fp32":
+            data.pop("precision", None)
+        return data
 
     @classmethod
     def from_kwargs(cls, **hyper: Any) -> FinetuneConfig:

@@ -3,7 +3,9 @@
 Recipe (standard HF fine-tuning): AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then
 linear decay, gradient norm clipped at 1.0, a fresh seeded shuffle per epoch, dynamic padding, dropout on. Runs are
 seeded without touching the caller's global RNG state, and use ``threads`` CPU threads only when asked (restored
-afterwards). A rich progress bar shows examples/s. An expert is an ordinary Hugging Face
+afterwards). ``device`` (default ``"auto"``: CUDA, else MPS, else the CPU, so a CPU-only machine trains exactly as
+before) is where the model, the batches and the optimizer state live; ``precision`` (a ``FinetuneConfig`` field)
+autocasts the forward passes to bf16 / fp16 there. The trained model is moved back to the CPU to be saved. A rich progress bar shows examples/s. An expert is an ordinary Hugging Face
 ``*ForSequenceClassification`` folder (plus ``mergelab_training.json``), saved atomically: written to a temporary
 folder next to the target and renamed onto it, so a failed run leaves nothing behind.
 
@@ -31,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mergelab import __version__
+from mergelab.core.device import CPU, DeviceLike, autocast, check_precision, module_device, resolve_device, to_device
 from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.core.progress import progress_bar
 from mergelab.core.rng import derive_seed
@@ -126,19 +129,27 @@ def train_split_hash(task: Any) -> str:
 
 
 @contextmanager
-def seeded_threads(seed: int, threads: int | None) -> Iterator[None]:
-    """Seed torch inside a forked RNG (the caller's RNG state is untouched) and use ``threads`` threads if given."""
+def seeded_threads(seed: int, threads: int | None, device: torch.device = CPU) -> Iterator[None]:
+    """Seed torch inside a forked RNG (the caller's RNG state, CUDA's on a CUDA ``device`` too, is untouched) and
+    use ``threads`` threads if given."""
     saved = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"threads must be positive, got {threads}")
         torch.set_num_threads(threads)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             yield
     finally:
         torch.set_num_threads(saved)
+
+
+def check_device_and_precision(device: DeviceLike, cfg: FinetuneConfig) -> torch.device:
+    """The resolved training device, which must run ``cfg.precision`` (bf16 / fp16 need an accelerator)."""
+    where = resolve_device(device)
+    check_precision(where, cfg.precision)
+    return where
 
 
 def _base_config(base_path: PathLike) -> Any:
@@ -221,6 +232,7 @@ def _run_steps(model: nn.Module, steps: Sequence[tuple[int, list[int]]],
 
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg, heads), lr=cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * len(steps)), len(steps))
+    scaler = torch.amp.GradScaler(module_device(model).type, enabled=cfg.precision == "fp16")  # off: plain steps
     model.train()
     losses: list[float] = []
     examples = sum(len(idx) for _, idx in steps)
@@ -230,9 +242,11 @@ def _run_steps(model: nn.Module, steps: Sequence[tuple[int, list[int]]],
             loss = loss_of(task_index, idx)
             if not torch.isfinite(loss):
                 raise ConfigError(f"{description}: the loss became {float(loss)} at step {len(losses)}; lower lr")
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -251,17 +265,21 @@ def _pad(tokenizer: Any, encoded: Mapping[str, list[Any]], idx: list[int]) -> di
 
 
 def _batch_loss(model: nn.Module, tokenizer: Any, encoded: Mapping[str, list[Any]], labels: Sequence[int],
-                idx: list[int]) -> torch.Tensor:  # fmt: skip
-    target = torch.tensor([labels[i] for i in idx], dtype=torch.long)
-    if isinstance(model, PooledClassifier):
-        return nn.functional.cross_entropy(model(**_pad(tokenizer, encoded, idx)), target)
-    return model(**_pad(tokenizer, encoded, idx), labels=target).loss
+                idx: list[int], precision: str = "fp32") -> torch.Tensor:  # fmt: skip
+    """The batch's cross-entropy, on the model's device (autocast to ``precision`` there; the loss in float32)."""
+    device = module_device(model)
+    target = torch.tensor([labels[i] for i in idx], dtype=torch.long).to(device)
+    batch = to_device(_pad(tokenizer, encoded, idx), device)
+    with autocast(device, precision):
+        if isinstance(model, PooledClassifier):
+            return nn.functional.cross_entropy(model(**batch).float(), target)
+        return model(**batch, labels=target).loss.float()
 
 
 def _probe_and_head(encoder: Any, texts: list[str], labels: list[int], num_classes: int, cfg: FinetuneConfig,
                     seed: int) -> tuple[nn.Linear, nn.Linear, dict[str, Any]]:  # fmt: skip
     """The frozen-encoder probe on the train texts, and the head to start from (a copy of it, or random)."""
-    features = encoder.encode_texts(texts, max_length=cfg.max_length)
+    features = encoder.encode_texts(texts, max_length=cfg.max_length, precision=cfg.precision)  # on the CPU
     probe, info = fit_linear_probe(features, labels, num_classes, seed=seed)
     if cfg.head_init == "probe":
         head = copy.deepcopy(probe)
@@ -282,27 +300,32 @@ def load_probe(folder: PathLike, num_classes: int) -> nn.Linear | None:
 
 
 def _train_pooled(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: list[str], labels: list[int],
-                  progress: bool) -> tuple[Any, nn.Linear, nn.Linear, dict[str, Any]]:  # fmt: skip
-    """Mean-pooled encoder + Linear head fine-tuned from the probe (or a random head): (encoder, head, probe, log)."""
+                  progress: bool, device: torch.device = CPU) -> tuple[Any, nn.Linear, nn.Linear, dict[str, Any]]:  # fmt: skip
+    """Mean-pooled encoder + Linear head fine-tuned from the probe (or a random head) on ``device``: (encoder,
+    head, probe, log), back on the CPU."""
     seed = cfg.task_seed(task.name)
-    encoder = load_encoder(base_path, base_path, pooling="mean")
+    encoder = load_encoder(base_path, base_path, pooling="mean").to(device)
     probe, head, probe_info = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, seed)
-    initial = head.weight.detach().clone()
+    initial = head.weight.detach().clone()  # on the CPU, as the trained head is when compared
+    head = head.to(device)
     encoded = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length(cfg.max_length))
     model = PooledClassifier(encoder, head)
     steps = [(0, idx) for idx in batch_schedule(len(texts), cfg.batch_size, cfg.epochs, derive_seed(seed, "batches"))]
-    log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, encoder.tokenizer, encoded, labels, idx), cfg,
-                     f"fine-tuning {task.name}", progress, heads=[head])  # fmt: skip
+    log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, encoder.tokenizer, encoded, labels, idx,
+                                                              cfg.precision),
+                     cfg, f"fine-tuning {task.name}", progress, heads=[head])  # fmt: skip
+    model.to(CPU)  # deliberate: the expert is saved (and used) from the CPU
     encoder.eval()
     log.update(probe=probe_info, head_init=cfg.head_init, head_shift=head_shift(initial, head.weight.detach()))
     return encoder, head, probe, log
 
 
 def _train_native(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: list[str], labels: list[int],
-                  progress: bool) -> tuple[nn.Module, Any, nn.Linear, dict[str, Any]]:  # fmt: skip
-    """The family's own sequence classifier, its head started from the probe where that head is one Linear."""
+                  progress: bool, device: torch.device = CPU) -> tuple[nn.Module, Any, nn.Linear, dict[str, Any]]:  # fmt: skip
+    """The family's own sequence classifier, its head started from the probe where that head is one Linear,
+    trained on ``device`` and returned on the CPU."""
     seed = cfg.task_seed(task.name)
-    encoder = load_encoder(base_path, base_path)
+    encoder = load_encoder(base_path, base_path).to(device)
     probe, _, probe_info = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, seed)
     model = _fresh_classifier(base_path, task.label_names)
     out_layer = last_linear(architecture(model.config.model_type).head(model))
@@ -316,36 +339,41 @@ def _train_native(base_path: PathLike, task: Any, cfg: FinetuneConfig, texts: li
             head_init = "random"
             fresh = random_linear_head(out_layer.in_features, out_layer.out_features, derive_seed(seed, "head"))
             out_layer.load_state_dict(fresh.state_dict())
-    initial = out_layer.weight.detach().clone()
+    del encoder  # only the probe's features came from it
+    initial = out_layer.weight.detach().clone()  # on the CPU, as the trained head is when compared
+    model.to(device)
     tokenizer = load_tokenizer(base_path)
     encoded = tokenizer(texts, truncation=True, max_length=min(cfg.max_length, max_positions(model.config)))
     steps = [(0, idx) for idx in batch_schedule(len(texts), cfg.batch_size, cfg.epochs, derive_seed(seed, "batches"))]
-    log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, tokenizer, encoded, labels, idx), cfg,
-                     f"fine-tuning {task.name}", progress, heads=[model.classifier])  # fmt: skip
+    log = _run_steps(model, steps, lambda _, idx: _batch_loss(model, tokenizer, encoded, labels, idx, cfg.precision),
+                     cfg, f"fine-tuning {task.name}", progress, heads=[model.classifier])  # fmt: skip
+    model.to(CPU)  # deliberate: the expert is saved from the CPU
     log.update(probe=probe_info, head_init=head_init, head_shift=head_shift(initial, out_layer.weight.detach()))
     return model, tokenizer, probe, log
 
 
 def finetune_expert(base_path: PathLike, task: Any, out_dir: PathLike, *, threads: int | None = None,
-                    progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
+                    progress: bool = True, device: DeviceLike = "auto", **hyper: Any) -> Path:  # fmt: skip
     """Fine-tune the pretrained ``base_path`` on ``task``'s train split (:class:`FinetuneConfig` names every
     hyper-parameter and its default); save to ``out_dir``.
 
     ``out_dir`` becomes a pooled classifier (``pooling: mean``) or the family's HF classifier folder (``native``),
     with the tokenizer, ``mergelab_probe.safetensors`` (the frozen-encoder probe: the bar the expert must clear)
     and ``mergelab_training.json`` (per-step losses, examples/s, the probe's C, how far the head moved), replacing
-    an existing one atomically.
+    an existing one atomically. ``device``: where it trains (module doc); not part of the expert's cache key.
     """
     cfg = FinetuneConfig.from_kwargs(**hyper)
+    where = check_device_and_precision(device, cfg)
     _base_config(base_path)
     texts, labels = train_examples(task, cfg.train_size, cfg.seed)
-    with seeded_threads(cfg.task_seed(task.name), threads):
+    with seeded_threads(cfg.task_seed(task.name), threads, where):
         if cfg.pooling == "mean":
-            encoder, head, probe, log = _train_pooled(base_path, task, cfg, texts, labels, progress)
+            encoder, head, probe, log = _train_pooled(base_path, task, cfg, texts, labels, progress, where)
         else:
-            model, tokenizer, probe, log = _train_native(base_path, task, cfg, texts, labels, progress)
+            model, tokenizer, probe, log = _train_native(base_path, task, cfg, texts, labels, progress, where)
         used_threads = torch.get_num_threads()
-    record = {"task": task.name, "examples": len(texts), "config": cfg.model_dump(), "threads": used_threads, **log}
+    record = {"task": task.name, "examples": len(texts), "config": cfg.model_dump(), "threads": used_threads,
+              "device": str(where), **log}  # fmt: skip
     with atomic_folder(Path(out_dir), force=True) as tmp:
         if cfg.pooling == "mean":
             save_pooled_classifier(tmp, encoder, head, [str(n) for n in task.label_names])
@@ -371,28 +399,30 @@ def _complete(folder: Path) -> bool:
 
 
 def get_or_train_expert(cache_dir: PathLike, base_path: PathLike, task: Any, threads: int | None = None,
-                        progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
-    """The cached expert ``cache_dir/<task>-<key>`` for (base, task, hyper-parameters); trained first if absent."""
+                        progress: bool = True, device: DeviceLike = "auto", **hyper: Any) -> Path:  # fmt: skip
+    """The cached expert ``cache_dir/<task>-<key>`` for (base, task, hyper-parameters); trained first (on
+    ``device``, which is not part of the key) if absent."""
     key = expert_cache_key(base_path, task, **hyper)
     target = Path(cache_dir) / f"{safe_name(task.name)}-{key}"
     if _complete(target):
         return target
-    return finetune_expert(base_path, task, target, threads=threads, progress=progress, **hyper)
+    return finetune_expert(base_path, task, target, threads=threads, progress=progress, device=device, **hyper)
 
 
 # -------------------------------------------------------------------------------------------------- multi-task
 
 
 def _multitask_models(base_path: PathLike, tasks: Sequence[Any], data: Sequence[tuple[list[str], list[int]]],
-                      cfg: FinetuneConfig) -> tuple[nn.ModuleList, Any]:  # fmt: skip
-    """One model per task sharing the first one's encoder (pooled classifiers or the family's classifiers)."""
+                      cfg: FinetuneConfig, device: torch.device = CPU) -> tuple[nn.ModuleList, Any]:  # fmt: skip
+    """One model per task sharing the first one's encoder (pooled classifiers or the family's classifiers); the
+    probes' features are computed on ``device``, the models are built on the CPU."""
     models = nn.ModuleList()
     if cfg.pooling == "mean":
-        encoder = load_encoder(base_path, base_path, pooling="mean")
+        encoder = load_encoder(base_path, base_path, pooling="mean").to(device)
         for task, (texts, labels) in zip(tasks, data, strict=True):
             _, head, _ = _probe_and_head(encoder, texts, labels, len(task.label_names), cfg, cfg.task_seed(task.name))
             models.append(PooledClassifier(encoder, head))
-        return models, encoder.tokenizer
+        return models.to(CPU), encoder.tokenizer
     for task in tasks:
         model = _fresh_classifier(base_path, task.label_names)
         if models:  # share the first model's encoder; the copy this one loaded is dropped
@@ -402,7 +432,7 @@ def _multitask_models(base_path: PathLike, tasks: Sequence[Any], data: Sequence[
 
 
 def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathLike, *, threads: int | None = None,
-                       progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
+                       progress: bool = True, device: DeviceLike = "auto", **hyper: Any) -> Path:  # fmt: skip
     """Multi-task-learning baseline: one encoder fine-tuned on every task at once, one head per task (started
     from each task's probe with ``head_init: probe``), with the experts' :class:`FinetuneConfig`.
 
@@ -422,17 +452,20 @@ def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathL
     data = [train_examples(t, cfg.train_size, cfg.seed) for t in tasks]
     encoded = [tokenizer(texts, truncation=True, max_length=min(cfg.max_length, max_positions(config)))
                for texts, _ in data]  # fmt: skip
-    with seeded_threads(cfg.seed, threads):
-        models, _ = _multitask_models(base_path, tasks, data, cfg)
+    where = check_device_and_precision(device, cfg)
+    with seeded_threads(cfg.seed, threads, where):
+        models, _ = _multitask_models(base_path, tasks, data, cfg, where)
+        models.to(where)
         schedules = [batch_schedule(len(texts), cfg.batch_size, cfg.epochs, cfg.task_seed(t.name))
                      for t, (texts, _) in zip(tasks, data, strict=True)]  # fmt: skip
 
         def loss_of(t: int, idx: list[int]) -> torch.Tensor:
-            return _batch_loss(models[t], tokenizer, encoded[t], data[t][1], idx)
+            return _batch_loss(models[t], tokenizer, encoded[t], data[t][1], idx, cfg.precision)
 
         steps = round_robin(schedules)
         heads = [m.head for m in models] if cfg.pooling == "mean" else [m.classifier for m in models]
         log = _run_steps(models, steps, loss_of, cfg, "multi-task fine-tuning", progress, heads=heads)
+        models.to(CPU)  # deliberate: saved from the CPU
         used_threads = torch.get_num_threads()
     log["task_losses"] = {n: [loss for (t, _), loss in zip(steps, log["losses"], strict=True) if t == i]
                           for i, n in enumerate(names)}  # fmt: skip
@@ -441,7 +474,7 @@ def finetune_multitask(base_path: PathLike, tasks: Sequence[Any], out_dir: PathL
     record = {"tasks": {n: {"file": f"heads/{f}.safetensors", "label_names": [str(x) for x in t.label_names],
                             "examples": len(d[0])} for n, f, t, d in zip(names, files, tasks, data, strict=True)},
               "model_type": config.model_type, "pooling": "mean" if pooled else "native", "config": cfg.model_dump(),
-              "threads": used_threads, **log}  # fmt: skip
+              "threads": used_threads, "device": str(where), **log}  # fmt: skip
     with atomic_folder(Path(out_dir), force=True) as tmp:
         shared.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -465,13 +498,13 @@ def multitask_cache_key(base_path: PathLike, tasks: Sequence[Any], **hyper: Any)
 
 
 def get_or_train_multitask(cache_dir: PathLike, base_path: PathLike, tasks: Sequence[Any], threads: int | None = None,
-                           progress: bool = True, **hyper: Any) -> Path:  # fmt: skip
+                           progress: bool = True, device: DeviceLike = "auto", **hyper: Any) -> Path:  # fmt: skip
     """The cached multi-task model ``cache_dir/multitask-<key>`` for (base, tasks, hyper-parameters); trained first
-    if absent."""
+    (on ``device``, not part of the key) if absent."""
     target = Path(cache_dir) / f"multitask-{multitask_cache_key(base_path, tasks, **hyper)}"
     if (target / MULTITASK_LOG).is_file() and _complete(target):
         return target
-    return finetune_multitask(base_path, tasks, target, threads=threads, progress=progress, **hyper)
+    return finetune_multitask(base_path, tasks, target, threads=threads, progress=progress, device=device, **hyper)
 
 
 def load_multitask(path: PathLike, label_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def fit_linear_probe(features: torch.Tensor, labels: Sequence[int], num_classes:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    x = features.detach().cpu().double().numpy()
+    x = features.detach().cpu().double().numpy()  # deliberate: scikit-learn fits on the CPU
     y = np.asarray([int(v) for v in labels])
     if len(x) != len(y) or len(y) == 0:
         raise DataError(f"the probe needs one label per feature row, got {len(x)} rows and {len(y)} labels")

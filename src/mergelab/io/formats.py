@@ -1,21 +1,23 @@
 """Lazy, per-tensor readers of the weight formats (safetensors, sharded, torch pickles, state dicts).
 
 Names, shapes and dtypes are known without loading data; ``get(name)`` loads one tensor. A safetensors tensor is
-read by memory-mapping only its own byte range, copying it out and unmapping it again, so resident memory stays
-bounded by the tensors in flight rather than growing with every page of the file that was touched. Torch pickles
+read with ``readinto`` of only its own byte range straight into the new tensor's memory (one copy, no mapping), so
+resident memory stays bounded by the tensors in flight rather than growing with every page of the file that was
+touched. Torch pickles
 are read only with ``weights_only=True`` (and memory-mapped where the format allows).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import pickle
+import queue
+import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -25,6 +27,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SINGLE = "pytorch_model.bin"
+_Item = TypeVar("_Item")
+_Loaded = TypeVar("_Loaded")
+_POLL_S = 0.05  # how often a blocked queue operation looks for a stop request
 
 _SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -96,18 +101,19 @@ class SafetensorsReader:
 
 
 def _read_range(file: Path, begin: int, end: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Map just [begin, end) of ``file``, copy it into a tensor, and unmap."""
+    """Read just [begin, end) of ``file`` straight into a new tensor's memory (no mapping, one copy)."""
+    tensor = torch.empty(shape, dtype=dtype)
     if end == begin:
-        return torch.empty(shape, dtype=dtype)
-    start = begin - begin % mmap.ALLOCATIONGRANULARITY
-    with open(file, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
-        try:
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - start)
-            tensor = raw.view(dtype).reshape(shape).clone()
-            del raw
-        finally:
-            mapped.close()
+        return tensor
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    with open(file, "rb", buffering=0) as handle:
+        handle.seek(begin)
+        done = 0
+        while done < end - begin:
+            got = handle.readinto(view[done:])
+            if not got:
+                raise ValueError(f"unexpected end of file after {begin + done} bytes")
+            done += got
     return tensor
 
 
@@ -264,3 +270,78 @@ def read_config(reader: CheckpointReader) -> dict:
         return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------------------------------- read-ahead
+
+
+def prefetched(groups: Sequence[Sequence[_Item]], load: Callable[[_Item], _Loaded],
+               depth: int) -> Generator[list[_Loaded], None, None]:  # fmt: skip
+    """Yield ``[load(item) for item in group]`` for each group in order, loading ahead in one background thread.
+
+    The thread holds at most ``depth`` loaded items queued plus the one it is loading, so memory stays bounded by
+    ``depth + 1`` items beyond what the consumer holds. ``load``'s exception is raised here, in order (after the
+    groups before it); closing the generator (or an error in the consumer) stops and joins the thread.
+    ``depth=0`` loads inline, without a thread.
+    """
+    if depth <= 0:
+        for group in groups:
+            yield [load(item) for item in group]
+        return
+    channel: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    thread = threading.Thread(target=_read_ahead, args=(groups, load, channel, stop), name="mergelab-reader", daemon=True)
+    thread.start()
+    try:
+        for group in groups:
+            yield [_take(channel, thread) for _ in group]
+    finally:
+        stop.set()
+        while thread.is_alive():
+            _drain(channel)
+            thread.join(_POLL_S)
+
+
+def _read_ahead(groups: Sequence[Sequence[_Item]], load: Callable[[_Item], _Loaded], channel: queue.Queue,
+                stop: threading.Event) -> None:  # fmt: skip
+    """The reader thread: load every item in order; on an error, pass it on and stop."""
+    try:
+        for group in groups:
+            for item in group:
+                if not offer(channel, (True, load(item)), stop):
+                    return
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+        offer(channel, (False, exc), stop)
+
+
+def offer(channel: queue.Queue, entry: object, stop: threading.Event) -> bool:
+    """Put ``entry`` on the bounded ``channel``, waiting for room unless ``stop`` is set (then False)."""
+    while not stop.is_set():
+        try:
+            channel.put(entry, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _take(channel: queue.Queue, thread: threading.Thread):
+    """The next loaded item, or the reader's exception raised here; never waits on a thread that has ended."""
+    while True:
+        try:
+            ok, value = channel.get(timeout=_POLL_S)
+            break
+        except queue.Empty:
+            if not thread.is_alive() and channel.empty():
+                raise CheckpointError("the reader thread ended before loading every tensor") from None
+    if not ok:
+        raise value
+    return value
+
+
+def _drain(channel: queue.Queue) -> None:
+    while True:
+        try:
+            channel.get_nowait()
+        except queue.Empty:
+            return

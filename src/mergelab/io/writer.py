@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from mergelab.core.errors import CheckpointError, OutputError
+from mergelab.io.formats import offer
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -169,6 +172,65 @@ class ShardedWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+class BackgroundWriter:
+    """A :class:`ShardedWriter` driven by one background thread, so writing overlaps the producer's work.
+
+    ``write`` queues the tensor (at most ``depth`` queued plus the one being written, so memory stays bounded) and
+    returns; an error of the writer thread is raised by the next ``write`` or by ``close``. ``close`` waits for
+    every queued tensor and finishes the files; ``abort`` stops the thread and closes the open file. Use it like
+    the plain writer: ``close()`` on success, ``abort()`` on any error.
+    """
+
+    def __init__(self, writer: ShardedWriter, depth: int = 1) -> None:
+        self.writer = writer
+        self._channel: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mergelab-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue the next tensor for writing (raises the writer thread's error, if it has failed)."""
+        self._raise_error()
+        if not offer(self._channel, (name, tensor), self._stop):
+            self._raise_error()
+
+    def close(self) -> None:
+        """Write everything queued, then finish the last shard and the index."""
+        offer(self._channel, None, self._stop)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Stop the thread (dropping what is queued) and close the open file; the caller removes the folder."""
+        self._stop.set()
+        self._thread.join()
+        self.writer.abort()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    entry = self._channel.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if entry is None:
+                    return
+                self.writer.write(*entry)
+                del entry
+        except BaseException as exc:  # noqa: BLE001 - raised in the producer's thread by write/close
+            self._error = exc
+            self._stop.set()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise CheckpointError("the writer thread has stopped")
 
 
 def copy_side_files(source: Path | None, target: Path) -> list[str]:

@@ -17,6 +17,7 @@ about lr per step, so raise ``steps`` (or ``lr``) when a GPU is available.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
+from mergelab.core.device import placed, to_device
 from mergelab.core.errors import DataError
 from mergelab.core.sampling import uniform_subset
 from mergelab.learned.base import (
@@ -78,9 +80,12 @@ def learn_coefficients(
     clamp: bool = True,
 ) -> tuple[torch.Tensor, list[float]]:
     """Adam on λ [T, L or 1] minimising Σ_t entropy(h_t(f(batch_t; θ(λ)))); ``batches[t][step % len]`` is task t's
-    batch at a step. Returns the final (unclamped) λ and the loss before each step."""
+    batch at a step. Returns the final (unclamped) λ and the loss before each step. λ lives on the device of
+    ``base`` (the model, heads, task vectors and batches are expected there too)."""
     names = list(taus[0])
-    coefficients = torch.full((len(taus), len(names) if granularity == "layer" else 1), float(init), requires_grad=True)
+    device = base[names[0]].device
+    shape = (len(taus), len(names) if granularity == "layer" else 1)
+    coefficients = torch.full(shape, float(init), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([coefficients], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     model.eval()
     for head in heads:
@@ -88,7 +93,7 @@ def learn_coefficients(
     losses = []
     for step in range(steps):
         params = merged_parameters(base, taus, coefficients, names, clamp)
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         for head, task_batches in zip(heads, batches, strict=True):
             batch = task_batches[step % len(task_batches)]
             output = functional_call(model, params, args=(), kwargs=dict(batch))
@@ -179,41 +184,36 @@ class AdaMerging(DataMergeMethod):
         base = encoder.model.state_dict()
         states = experts.expert_states()
         check_layouts(base, states, experts.tasks)
+        device = experts.device
         batches = []
         for index, expert in enumerate(experts.experts):
             chosen = uniform_subset(len(expert.texts), p.num_examples, experts.seed + index).tolist()
             if not chosen:
                 raise DataError(f"task '{expert.task}' has no test inputs for AdaMerging")
             texts = [expert.texts[i] for i in chosen]
-            batches.append(
-                shuffled_batches(
-                    encoder.tokenizer, texts, p.batch_size, max(p.steps, 1), experts.max_length, experts.seed + index
-                )
+            task_batches = shuffled_batches(
+                encoder.tokenizer, texts, p.batch_size, max(p.steps, 1), experts.max_length, experts.seed + index
             )
+            batches.append([to_device(batch, device) for batch in task_batches])
         names = [n for n, t in encoder.model.named_parameters() if t.is_floating_point()]
         taus = expert_task_vectors(base, states, names)
         if p.plus:
             taus = ties_selected_vectors(taus, p.density)
-        base_f = {n: base[n].float() for n in names}
+        base_f = {n: base[n].float().to(device) for n in names}
+        taus = [{n: tau[n].to(device) for n in names} for tau in taus]
 
         def features_of(output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return pool(output, batch.get("attention_mask"), encoder.pooling)
 
-        coefficients, losses = learn_coefficients(
-            encoder.model,
-            features_of,
-            base_f,
-            taus,
-            [e.model.head for e in experts.experts],
-            batches,
-            p.granularity,
-            p.steps,
-            p.lr,
-            p.init,
-            p.clamp,
-        )
+        heads = [e.model.head for e in experts.experts]
+        with contextlib.ExitStack() as stack:
+            for module in (encoder.model, *heads):
+                stack.enter_context(placed(module, device))
+            coefficients, losses = learn_coefficients(
+                encoder.model, features_of, base_f, taus, heads, batches, p.granularity, p.steps, p.lr, p.init, p.clamp
+            )
         with torch.no_grad():
-            merged = merged_parameters(base_f, taus, coefficients, names, p.clamp)
+            merged = merged_parameters(base_f, taus, coefficients, names, p.clamp)  # assemble brings it to the CPU
         used = coefficients.clamp(0.0, 1.0) if p.clamp else coefficients
         self.info = {
             "losses": losses,

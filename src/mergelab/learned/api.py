@@ -9,6 +9,9 @@
 
 ``finetuned`` maps task name → fine-tuned HF classifier folder; ``data`` maps the same names → ``TextTask`` (or a
 data folder / saved DatasetDict, loaded with ``load_task``). Each method reads only the split it declares.
+
+``device`` (default ``"auto"``: CUDA, else MPS, else the CPU, so a CPU-only machine computes exactly as before) is
+where the models run on the data; merged states, reports and the NeuLig router come back on (or stay on) the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import DeviceLike, resolve_device
 from mergelab.core.errors import DataError
 from mergelab.core.sampling import uniform_subset
 from mergelab.data.types import TextTask
@@ -63,6 +67,7 @@ def merge_with_data(
     force: bool = False,
     memo: dict[Any, Any] | None = None,
     progress: ProgressCallback | None = None,
+    device: DeviceLike = "auto",
 ) -> State | Path:
     """Merge ``finetuned`` with the built data-dependent ``method``, each model with its own task's data.
 
@@ -78,7 +83,8 @@ def merge_with_data(
     report("loading models and data", 0, 2)
     spec = method.spec
     split: Split = spec.reads  # type: ignore[assignment]  # a data-dependent method reads one of the three splits
-    experts = load_expert_set(base, finetuned, data, split, spec.needs_labels, max_length, batch_size, seed, memo)
+    experts = load_expert_set(base, finetuned, data, split, spec.needs_labels, max_length, batch_size, seed, memo,
+                              resolve_device(device))  # fmt: skip
     report(f"{spec.name} (in memory)", 1, 2)
     state = method.merge(experts)
     report(f"{spec.name} (in memory)", 2, 2)
@@ -95,6 +101,7 @@ def tall_masks_with_data(
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_size: int = 32,
+    device: DeviceLike = "auto",
 ) -> dict[str, State]:
     """One reconstructed encoder θ₀ + m_t ⊙ τ_MTL per task, λ_t chosen on each task's validation split.
 
@@ -102,7 +109,8 @@ def tall_masks_with_data(
     This is TALL masks' compression / task-localisation use: T models, **not** one merged model.
     """
     p = TALL_MASKS_SPEC.validate(options)
-    experts = load_expert_set(base, finetuned, data, "validation", True, max_length, batch_size)
+    experts = load_expert_set(base, finetuned, data, "validation", True, max_length, batch_size,
+                              device=resolve_device(device))  # fmt: skip
     return tall_masks_reconstruct(experts, p.lambdas, p.base_merge, p.density)  # type: ignore[attr-defined]
 
 
@@ -138,6 +146,7 @@ def neulig_with_data(
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
     test_features: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    device: DeviceLike = "auto",
 ) -> NeuLigReport:
     """NeuLig end to end with ``options`` (:class:`NeuLigOptions`, or its fields as a mapping; defaults otherwise):
     features of every expert on every task's train split (``train_examples`` per task at most), the router trained on
@@ -145,15 +154,19 @@ def neulig_with_data(
     default) for each ``weights_from`` rule.
 
     ``test_features`` (task → each expert's features [N_test, d] of that task's whole test split, in ``finetuned``
-    order), when a caller has them cached, replaces the experts' forward passes on the test splits."""
+    order), when a caller has them cached, replaces the experts' forward passes on the test splits. ``device``: where
+    the encoders run (the router trains on the CPU: it is one small Linear on cached features)."""
     p: NeuLigOptions = NEULIG_SPEC.validate(options)  # type: ignore[assignment]
+    where = resolve_device(device)
     tasks = resolve_tasks(finetuned, data)
     missing = [name for name, task in tasks.items() if "test" not in task.splits or "train" not in task.splits]
     if missing:
         raise DataError(f"NeuLig trains on each task's train split and evaluates on its test split; {missing} lack one")
     models = {name: load_model(path, tasks[name].label_names) for name, path in finetuned.items()}
     encoders = [m.encoder for m in models.values()]
-    states = [{n: t.detach() for n, t in e.model.state_dict().items()} for e in encoders]
+    states = [{n: t.detach() for n, t in e.model.state_dict().items()} for e in encoders]  # CPU: merged there
+    for encoder in encoders:
+        encoder.to(where)  # models loaded for this call only
     features, labels = [], []
     for index, task in enumerate(tasks.values()):
         train = task.splits["train"]

@@ -6,6 +6,10 @@ which split of each task it may read (``reads``: ``"train"`` for Fisher / RegMea
 is therefore transductive, ``"validation"`` with labels for the TALL-mask λ selection) and the method turns an
 :class:`ExpertSet` into one merged encoder state dict in the base layout: every float tensor of the encoder is merged,
 heads are never merged, integer buffers (e.g. ``position_ids``) come from the base.
+
+``ExpertSet.device`` is where the methods run the models on their inputs (forward and backward passes, Grams,
+Fishers, AdaMerging's coefficients); what they return is on the CPU (``assemble`` puts every tensor there), and the
+closed-form combinations (Fisher average, RegMean solve, TALL masks) run on the CPU in float64 as before.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import CPU
 from mergelab.core.errors import CheckpointError, DataError
 from mergelab.merging.ops import task_vectors
 from mergelab.merging.spec import Method
@@ -50,6 +55,7 @@ class ExpertSet:
     batch_size: int = 32
     seed: int = 0
     memo: dict[Any, Any] | None = None  # caller-owned store for results that do not depend on every parameter
+    device: torch.device = CPU  # where the models run on the inputs (results come back to the CPU)
 
     @property
     def tasks(self) -> list[str]:
@@ -121,11 +127,12 @@ def check_layouts(
 
 
 def assemble(base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]) -> State:
-    """The output state dict: every base key, merged float tensors (cast to the base dtype) where given, else θ₀."""
+    """The output state dict: every base key, merged float tensors (cast to the base dtype, on the base's device,
+    i.e. the CPU) where given, else θ₀."""
     out = {}
     for name, reference in base.items():
         if name in merged and reference.is_floating_point():
-            out[name] = merged[name].detach().to(reference.dtype).contiguous()
+            out[name] = merged[name].detach().to(device=reference.device, dtype=reference.dtype).contiguous()
         else:
             out[name] = reference.detach().clone()
     return out

@@ -12,7 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import CPU
 from mergelab.core.errors import CheckpointError, DataError
 from mergelab.data.tasks import load_task
 from mergelab.data.types import TextTask
@@ -60,6 +63,7 @@ def load_expert_set(
     batch_size: int = 32,
     seed: int = 0,
     memo: dict[Any, Any] | None = None,
+    device: torch.device = CPU,
 ) -> ExpertSet:
     """Load every fine-tuned model (its head's labels checked against its task) with its task's ``split`` inputs."""
     base_path = check_base(base)
@@ -77,7 +81,8 @@ def load_expert_set(
         experts.append(
             ExpertInput(name, model, Path(path), list(part.texts), list(part.labels) if with_labels else None)
         )
-    return ExpertSet(base_path, experts, max_length=max_length, batch_size=batch_size, seed=seed, memo=memo)
+    return ExpertSet(base_path, experts, max_length=max_length, batch_size=batch_size, seed=seed, memo=memo,
+                     device=device)  # fmt: skip
 
 
 def expert_set_from_texts(
@@ -88,6 +93,7 @@ def expert_set_from_texts(
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_size: int = 32,
     seed: int = 0,
+    device: torch.device = CPU,
 ) -> ExpertSet:
     """An ``ExpertSet`` from plain text lists (tasks named ``task0``, ``task1``, ...; heads' labels not checked)."""
     base_path = check_base(base)
@@ -97,4 +103,4 @@ def expert_set_from_texts(
     for index, (path, task_texts) in enumerate(zip(expert_paths, texts, strict=True)):
         task_labels = list(labels[index]) if labels is not None else None
         experts.append(ExpertInput(f"task{index}", load_model(path, None), Path(path), list(task_texts), task_labels))
-    return ExpertSet(base_path, experts, max_length=max_length, batch_size=batch_size, seed=seed)
+    return ExpertSet(base_path, experts, max_length=max_length, batch_size=batch_size, seed=seed, device=device)

@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import module_device, placed, to_device
 from mergelab.core.errors import DataError
 from mergelab.core.sampling import uniform_subset
 from mergelab.learned.base import DataMergeMethod, ExpertSet, State, assemble, check_layouts, tokenize
@@ -64,16 +65,17 @@ def diagonal_fisher(
 
     Each example is a batch of one (``model(**example)`` → logits [1, C]). Returns the mean over examples of
     Σ_c p_c (∇ log p_c)² (``"expected"``) or (∇ log p_y)² with y ~ p (``"sampled"``), only for the parameters
-    that received a gradient.
+    that received a gradient. Examples run on the model's device; the Fisher comes back on the CPU.
     """
     model.eval()
+    device = module_device(model)
     names = list(params)
     tensors = [params[n] for n in names]
     fisher: list[torch.Tensor | None] = [None] * len(names)
     generator = torch.Generator().manual_seed(seed)
     count = 0
     for example in examples:
-        logits = _logits(model, example)
+        logits = _logits(model, to_device(example, device))
         if logits.shape[0] != 1:
             raise DataError(f"the exact Fisher needs one example per forward pass, got a batch of {logits.shape[0]}")
         log_probs = torch.log_softmax(logits[0].float(), dim=-1)
@@ -81,7 +83,7 @@ def diagonal_fisher(
         if label_mode == "expected":
             terms = [(c, float(probs[c])) for c in range(len(probs))]
         else:
-            terms = [(int(torch.multinomial(probs, 1, generator=generator)), 1.0)]
+            terms = [(int(torch.multinomial(probs.cpu(), 1, generator=generator)), 1.0)]  # the CPU generator's draw
         for position, (c, weight) in enumerate(terms):
             grads = torch.autograd.grad(
                 log_probs[c], tensors, retain_graph=position < len(terms) - 1, allow_unused=True
@@ -94,20 +96,22 @@ def diagonal_fisher(
         count += 1
     if count == 0:
         raise DataError("the Fisher needs at least one example; the task has no inputs")
-    return {n: f / count for n, f in zip(names, fisher, strict=True) if f is not None}
+    return {n: (f / count).cpu() for n, f in zip(names, fisher, strict=True) if f is not None}  # merged on the CPU
 
 
 def batch_squared_fisher(
     model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], params: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """FusionBench's estimator (not the diagonal Fisher): Σ_batches (∇ Σ_i Σ_c √p_ic·log p_ic)² / N, √p detached."""
+    """FusionBench's estimator (not the diagonal Fisher): Σ_batches (∇ Σ_i Σ_c √p_ic·log p_ic)² / N, √p detached
+    (batches run on the model's device; the result is on the CPU)."""
     model.eval()
+    device = module_device(model)
     names = list(params)
     tensors = [params[n] for n in names]
     fisher: list[torch.Tensor | None] = [None] * len(names)
     count = 0
     for batch in batches:
-        log_probs = torch.log_softmax(_logits(model, batch).float(), dim=-1)
+        log_probs = torch.log_softmax(_logits(model, to_device(batch, device)).float(), dim=-1)
         objective = (log_probs.detach().exp().sqrt() * log_probs).sum()
         grads = torch.autograd.grad(objective, tensors, allow_unused=True)
         for index, grad in enumerate(grads):
@@ -117,7 +121,7 @@ def batch_squared_fisher(
         count += log_probs.shape[0]
     if count == 0:
         raise DataError("the Fisher needs at least one example; the task has no inputs")
-    return {n: f / count for n, f in zip(names, fisher, strict=True) if f is not None}
+    return {n: (f / count).cpu() for n, f in zip(names, fisher, strict=True) if f is not None}  # merged on the CPU
 
 
 def fisher_coefficients(fishers: Sequence[Mapping[str, torch.Tensor]], normalize: bool) -> list[float]:
@@ -181,9 +185,9 @@ def _expert_fishers(
         texts = [expert.texts[i] for i in uniform_subset(len(expert.texts), num_examples, experts.seed + index).tolist()]
         if not texts:
             raise DataError(f"task '{expert.task}' has no inputs to estimate its Fisher from")
-        model = Classifier(expert.model.encoder, expert.model.head)
-        params = dict(expert.model.encoder.model.named_parameters())
-        fishers.append(estimate(model, expert.model.encoder.tokenizer, texts, params, experts.seed + index))
+        with placed(Classifier(expert.model.encoder, expert.model.head), experts.device) as model:
+            params = dict(expert.model.encoder.model.named_parameters())
+            fishers.append(estimate(model, expert.model.encoder.tokenizer, texts, params, experts.seed + index))
     return base, states, fishers
 
 

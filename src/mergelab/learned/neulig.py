@@ -34,6 +34,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import module_device, to_device
 from mergelab.core.errors import ConfigError, DataError
 from mergelab.evaluation.protocols.common import seeded
 from mergelab.learned.adamerging import entropy
@@ -250,13 +251,15 @@ def evaluate_neulig(
 ) -> dict[str, dict[str, Any]]:
     """Per task: ensembling accuracy, merging accuracy and their gap, on consecutive batches of ``batch_size`` items
     in data order. ``encoder`` is a scratch ``TextEncoder`` of the experts' architecture (its weights are replaced
-    batch by batch); ``states`` are the K experts' encoder state dicts in its layout."""
+    batch by batch); ``states`` are the K experts' encoder state dicts in its layout. The encoder runs on its own
+    device (the merged CPU state is copied in); its features, the router and the heads are on the CPU."""
     if weights_from not in ("first", "mean"):
         raise ConfigError(f"weights_from must be 'first' or 'mean', got {weights_from!r}")
+    device = module_device(encoder)
 
     def encode(state: State, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         encoder.model.load_state_dict(state, strict=True)
-        return encoder(**inputs).float()
+        return encoder(**to_device(inputs, device)).float().cpu()  # deliberate: the heads score on the CPU
 
     results = {}
     for name, task in tasks.items():

@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import module_device, placed, to_device
 from mergelab.core.errors import DataError
 from mergelab.core.sampling import uniform_subset
 from mergelab.learned.base import (
@@ -73,7 +74,8 @@ def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
 
 def linear_input_grams(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Token-averaged XᵀX of the inputs of every ``nn.Linear`` of ``model`` (keyed '<module>.weight'), counting only
-    the tokens whose ``attention_mask`` is 1 for [B, L, d] inputs (2-D inputs such as a pooler's count every row)."""
+    the tokens whose ``attention_mask`` is 1 for [B, L, d] inputs (2-D inputs such as a pooler's count every row).
+    Batches run on the model's device; the Grams come back on the CPU."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     mask_holder: list[torch.Tensor | None] = [None]
@@ -92,16 +94,18 @@ def linear_input_grams(model: nn.Module, batches: Iterable[Mapping[str, torch.Te
 
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     handles = [m.register_forward_hook(hook(f"{n}.weight" if n else "weight"), with_kwargs=True) for n, m in linears]
+    device = module_device(model)
     try:
         model.eval()
         with torch.no_grad():
             for batch in batches:
+                batch = to_device(batch, device)
                 mask_holder[0] = batch.get("attention_mask")
                 model(**batch)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (total / max(counts[name], 1)).float() for name, total in sums.items()}
+    return {name: (total / max(counts[name], 1)).float().cpu() for name, total in sums.items()}  # solved on the CPU
 
 
 class RegMeanAccumulator:
@@ -180,7 +184,9 @@ class RegMean(DataMergeMethod):
                 raise DataError(f"task '{expert.task}' has no inputs to compute RegMean Grams from")
             texts = [expert.texts[i] for i in chosen]
             batches = tokenize(expert.model.encoder.tokenizer, texts, experts.max_length, experts.batch_size)
-            accumulator.add(state, linear_input_grams(expert.model.encoder.model, batches))
+            with placed(expert.model.encoder.model, experts.device) as model:
+                grams = linear_input_grams(model, batches)
+            accumulator.add(state, grams)
         solved = [n for n, c in accumulator.gram_counts.items() if c == accumulator.models]
         self.info = {"solved_linear_weights": len(solved)}
         return accumulator.result()

@@ -128,6 +128,7 @@ def compute_tall_masks(
     names = float_names(base)
     taus = expert_task_vectors(base, states, names)
     tau_mtl = multitask_vector(taus, base_merge, density)
+    encoder.to(experts.device)  # a scratch encoder: each candidate's CPU state is copied in, its features come back
     masks, chosen, accuracies = {}, {}, {}
     for expert, tau in zip(experts.experts, taus, strict=True):
         if expert.labels is None or not expert.texts:

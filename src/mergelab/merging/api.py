@@ -7,17 +7,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from mergelab.core.device import resolve_device
 from mergelab.core.errors import ConfigError
 from mergelab.io.adapter import shared_base
 from mergelab.io.reader import CheckpointReader, open_checkpoint
-from mergelab.io.writer import ShardedWriter, atomic_folder, check_target, copy_side_files, parse_size
+from mergelab.io.writer import BackgroundWriter, ShardedWriter, atomic_folder, check_target, copy_side_files, parse_size
 from mergelab.merging.base import MergeMethod
-from mergelab.merging.engine import ProgressCallback, plan_merge, stream_merge
+from mergelab.merging.engine import PREFETCH, MergePlan, ProgressCallback, plan_merge, stream_merge
 from mergelab.merging.selection import DEFAULT_EXCLUDE, TensorSelection
 
 Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | CheckpointReader
@@ -54,6 +55,7 @@ def merge_streaming(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressCallback | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor] | Path:
     """Merge ``models`` (fine-tunes of ``base``) with the built streaming ``method``.
 
@@ -62,6 +64,10 @@ def merge_streaming(
     ``base_model_name_or_path``, which then is the base). With ``out=None`` the merged state dict (in the base's
     layout) is returned; otherwise it is written atomically to ``out`` as sharded safetensors plus the base's config
     and tokenizer files, and the path is returned.
+
+    With ``out``, a background thread reads the inputs ahead (at most ``PREFETCH`` tensors queued) and another
+    writes the shards, around the arithmetic (memory stays bounded by a few tensors). ``device`` (``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"auto"`` or a ``torch.device``)
+    runs the method's arithmetic there, one tensor at a time; None or ``"cpu"`` is the CPU.
     """
     out_dtype = parse_dtype(dtype)
     if out is not None:
@@ -71,11 +77,20 @@ def merge_streaming(
     if base_reader is None:  # LoRA adapters name their base: merge onto it
         base_reader = shared_base(readers)
     plan = plan_merge(base_reader, readers, TensorSelection(tuple(include), tuple(exclude)), out_dtype)
-    stream = stream_merge(method, plan, allow_nonfinite=allow_nonfinite, progress=progress)
-    if out is None:
-        return dict(stream)
-    with atomic_folder(Path(out), force) as tmp:
-        writer = ShardedWriter(tmp, plan.output, parse_size(max_shard_size))
+    compute_on = None if device is None else resolve_device(device)
+    prefetch = PREFETCH if out is not None else 0  # in memory: one tensor per reader at a time, as before
+    stream = stream_merge(method, plan, allow_nonfinite=allow_nonfinite, progress=progress, device=compute_on,
+                          prefetch=prefetch)  # fmt: skip
+    try:
+        return dict(stream) if out is None else _write(stream, plan, Path(out), force, parse_size(max_shard_size))
+    finally:
+        stream.close()  # stops the reader thread on an error
+
+
+def _write(stream: Iterator[tuple[str, torch.Tensor]], plan: MergePlan, out: Path, force: bool, max_shard: int) -> Path:
+    """Write the stream atomically to ``out`` (a background thread writes while the next tensor is merged)."""
+    with atomic_folder(out, force) as tmp:
+        writer = BackgroundWriter(ShardedWriter(tmp, plan.output, max_shard))
         try:
             for name, tensor in stream:
                 writer.write(name, tensor)
@@ -84,4 +99,4 @@ def merge_streaming(
             writer.abort()
             raise
         copy_side_files(plan.reference.config_dir, tmp)
-    return Path(out)
+    return out

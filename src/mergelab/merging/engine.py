@@ -1,9 +1,11 @@
 """The streaming merge engine.
 
 For each selected tensor the engine loads the base tensor and the T fine-tuned tensors (as float32), hands them to
-the method, casts the result to the output dtype and yields it. Peak memory is about (T + 2) × the largest tensor
-(T + 1 inputs and one output, plus transient casts), independent of the number of tensors in the model. Methods
-with whole-model statistics first stream all selected tensors through ``observe`` once per statistics pass.
+the method, casts the result to the output dtype and yields it. A reader thread loads the inputs ahead, at most
+``prefetch`` tensors queued plus one being read (``api.merge_streaming`` adds a writer thread holding one output
+queued plus one being written). Peak memory is about (T + 2) × the largest tensor inline, plus prefetch + 1 read
+ahead and 2 being written: independent of the number of tensors in the model. Methods with whole-model statistics
+first stream all selected tensors through ``observe`` once per statistics pass.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mergelab.core.device import CPU
 from mergelab.core.errors import CheckpointError
 from mergelab.io.alignment import AlignedReader, align
+from mergelab.io.formats import prefetched
 from mergelab.io.reader import CheckpointReader
 from mergelab.io.writer import TensorSpec
 from mergelab.merging.base import MergeMethod
 from mergelab.merging.selection import TensorSelection
 
 ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
+PREFETCH = 2  # input tensors the reader thread may hold queued ahead of the arithmetic
 
 
 @dataclass
@@ -89,8 +94,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _load_float(reader: CheckpointReader, name: str, allow_nonfinite: bool) -> torch.Tensor:
-    tensor = reader.get(name).to(torch.float32)
+def _load_float(reader: CheckpointReader, name: str, allow_nonfinite: bool, device: torch.device) -> torch.Tensor:
+    """One input tensor as float32 on ``device`` (moved in its stored dtype, cast there), checked for NaN/Inf."""
+    tensor = reader.get(name)
+    if device.type != "cpu":
+        tensor = tensor.to(device, non_blocking=False)
+    tensor = tensor.to(torch.float32)
     if not allow_nonfinite and not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(
@@ -100,10 +109,48 @@ def _load_float(reader: CheckpointReader, name: str, allow_nonfinite: bool) -> t
     return tensor
 
 
-def _inputs(plan: MergePlan, method: MergeMethod, name: str, allow_nonfinite: bool):
-    base = _load_float(plan.base, name, allow_nonfinite) if (plan.base is not None and method.spec.needs_base) else None
-    models = [_load_float(m, name, allow_nonfinite) for m in plan.models]
-    return base, models
+@dataclass(frozen=True)
+class _Load:
+    """One tensor the reader thread loads: from ``reader``, as float32 (checked) or as ``dtype`` (copied through)."""
+
+    reader: CheckpointReader
+    name: str
+    dtype: torch.dtype | None = None  # None: float32 merge input; else an unmerged tensor in its output dtype
+
+
+def _schedule(method: MergeMethod, plan: MergePlan) -> Iterator[tuple[int | None, str, list[_Load]]]:
+    """(pass index or None for the merging pass, tensor name, its loads) in engine order, statistics passes first."""
+    inputs = ([plan.base] if (plan.base is not None and method.spec.needs_base) else []) + list(plan.models)
+    for pass_index in range(method.num_stat_passes()):
+        for name in plan.merged_names:
+            yield pass_index, name, [_Load(r, name) for r in inputs]
+    for spec in plan.output:
+        merged = spec.name in plan.merged
+        yield None, spec.name, [_Load(r, spec.name) for r in inputs] if merged else [
+            _Load(plan.reference, spec.name, spec.dtype)
+        ]
+
+
+def _loader(allow_nonfinite: bool, device: torch.device) -> Callable[[_Load], torch.Tensor]:
+    def load(item: _Load) -> torch.Tensor:
+        if item.dtype is None:
+            return _load_float(item.reader, item.name, allow_nonfinite, device)
+        return item.reader.get(item.name).to(item.dtype)
+
+    return load
+
+
+def _split(loads: list[torch.Tensor], with_base: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    return (loads[0], loads[1:]) if with_base else (None, loads)
+
+
+def _merged_output(method: MergeMethod, spec: TensorSpec, base, models, allow_nonfinite: bool) -> torch.Tensor:
+    result = method.merge_tensor(spec.name, base, models)
+    if tuple(result.shape) != spec.shape:
+        raise CheckpointError(f"method '{method.name}' returned shape {tuple(result.shape)} for '{spec.name}'")
+    if not allow_nonfinite and not all_finite(result):
+        raise CheckpointError(f"method '{method.name}' produced NaN/Inf in '{spec.name}'")
+    return result.to(spec.dtype)
 
 
 def stream_merge(
@@ -111,36 +158,42 @@ def stream_merge(
     plan: MergePlan,
     allow_nonfinite: bool = False,
     progress: ProgressCallback | None = None,
+    device: torch.device | None = None,
+    prefetch: int = PREFETCH,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every output tensor in plan order, merging the selected ones."""
+    """Yield (name, tensor) for every output tensor in plan order, merging the selected ones.
+
+    A reader thread loads the inputs ahead of the arithmetic, at most ``prefetch`` tensors queued plus one being
+    read (``prefetch=0``: no thread, everything inline). The method's arithmetic runs on ``device`` (None: the CPU,
+    today's path); yielded tensors are always on the CPU.
+    """
     if method.spec.needs_base and plan.base is None:
         raise CheckpointError(f"method '{method.name}' needs the pretrained base checkpoint; pass --base")
-    names = plan.merged_names
-    passes = method.num_stat_passes()
+    device = CPU if device is None else device
+    with_base = plan.base is not None and method.spec.needs_base
+    names, passes = plan.merged_names, method.num_stat_passes()
     total = len(names) * passes + len(plan.output)
-    done = 0
-    for pass_index in range(passes):
-        for name in names:
-            base, models = _inputs(plan, method, name, allow_nonfinite)
-            method.observe(pass_index, name, base, models)
-            del base, models
-            done += 1
+    specs = {s.name: s for s in plan.output}
+    schedule = list(_schedule(method, plan))
+    groups = prefetched([loads for _, _, loads in schedule], _loader(allow_nonfinite, device), prefetch)
+    try:
+        for done, (pass_index, name, _) in enumerate(schedule, start=1):
+            loaded = next(groups)  # not zip(): its reused result tuple would keep the previous inputs alive
+            if pass_index is not None:
+                method.observe(pass_index, name, *_split(loaded, with_base))
+                del loaded
+                if progress:
+                    progress(f"statistics pass {pass_index + 1}/{passes}", done, total)
+                if done == len(names) * (pass_index + 1):
+                    method.end_pass(pass_index)
+                continue
+            if name in plan.merged:
+                tensor = _merged_output(method, specs[name], *_split(loaded, with_base), allow_nonfinite)
+            else:
+                tensor = loaded[0]
+            del loaded
             if progress:
-                progress(f"statistics pass {pass_index + 1}/{passes}", done, total)
-        method.end_pass(pass_index)
-    for spec in plan.output:
-        if spec.name in plan.merged:
-            base, models = _inputs(plan, method, spec.name, allow_nonfinite)
-            result = method.merge_tensor(spec.name, base, models)
-            del base, models
-            if tuple(result.shape) != spec.shape:
-                raise CheckpointError(f"method '{method.name}' returned shape {tuple(result.shape)} for '{spec.name}'")
-            if not allow_nonfinite and not all_finite(result):
-                raise CheckpointError(f"method '{method.name}' produced NaN/Inf in '{spec.name}'")
-            tensor = result.to(spec.dtype)
-        else:
-            tensor = plan.reference.get(spec.name).to(spec.dtype)
-        done += 1
-        if progress:
-            progress("merging", done, total)
-        yield spec.name, tensor
+                progress("merging", done, total)
+            yield name, tensor.cpu()
+    finally:
+        groups.close()

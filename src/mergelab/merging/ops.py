@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -49,7 +50,7 @@ def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor], *, in_place
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-model vector ``[T]`` to broadcast against a stacked ``[T, ...]`` tensor."""
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
+    return values.to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 # ---------------------------------------------------------------------------------------------------- TIES
@@ -94,10 +95,10 @@ def top_magnitude_order_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     the kept ones are neither the lowest nor the highest indices and only this call reproduces them. O(n log n):
     used only when ties straddle the cut.
     """
-    flat = values.reshape(-1)
+    flat = values.reshape(-1).cpu()  # the CPU sort's tie order, wherever the tensor lives
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     keep[torch.argsort(flat.abs().float(), descending=True)[:count]] = True
-    return keep.reshape(values.shape)
+    return keep.reshape(values.shape).to(values.device)
 
 
 def top_magnitude_mask(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -254,14 +255,22 @@ def radix_histogram(rows: Sequence[torch.Tensor] | torch.Tensor, high_bins: torc
     """
     counts = []
     for index, row in enumerate(rows):
-        bits = magnitude_bits(row).reshape(-1)
-        high = bits >> RADIX_BITS
-        if high_bins is None:
-            values = high
-        else:
-            values = (bits & _LOW_MASK)[high == int(high_bins[index])]
+        high, low = magnitude_halves(row)
+        values = high if high_bins is None else low[high == int(high_bins[index])].to(torch.int32) & _LOW_MASK
         counts.append(torch.bincount(values, minlength=RADIX_BINS))
     return torch.stack(counts)
+
+
+def magnitude_halves(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 16-bit halves of the bit patterns of |x| for float32 ``x``: high as non-negative int16 (the sign
+    bit cleared), low as raw int16 (mask with 0xFFFF after widening). No full-size |x| or int32 copy is made."""
+    if row.dtype != torch.float32:
+        raise MergelabError(f"radix selection works on float32 magnitudes, got {row.dtype}")
+    if sys.byteorder != "little":
+        bits = magnitude_bits(row).reshape(-1)
+        return (bits >> RADIX_BITS).to(torch.int16), (bits & _LOW_MASK).to(torch.int16)
+    halves = row.contiguous().reshape(-1).view(torch.int16)
+    return halves[1::2] & 0x7FFF, halves[0::2]
 
 
 def locate_rank(histogram: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,12 +299,12 @@ def radix_select(chunks: Sequence[torch.Tensor], ranks: torch.Tensor) -> tuple[t
     two ``[T, 65536]`` histograms besides the current chunk. (TIES' global scope runs the same two passes as engine
     statistics passes, with the same ``radix_histogram`` / ``locate_rank`` / ``bits_to_float`` steps.)
     """
-    rows = chunks[0].shape[0]
-    high_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
+    rows, device = chunks[0].shape[0], chunks[0].device
+    high_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64, device=device)
     for chunk in chunks:
         high_hist += radix_histogram(chunk)
-    high_bins, within = locate_rank(high_hist, ranks)
-    low_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64)
+    high_bins, within = locate_rank(high_hist, ranks.to(device))
+    low_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64, device=device)
     for chunk in chunks:
         low_hist += radix_histogram(chunk, high_bins)
     low_bins, rank_among_equals = locate_rank(low_hist, within)
@@ -313,7 +322,7 @@ def kth_smallest_magnitude_count(values: torch.Tensor, k: int, chunk: int = 1 <<
     |x| is not below κ, both from the same two radix passes (m = n − k + the rank of κ among its equals)."""
     flat = values.reshape(-1)
     pieces = [flat[i : i + chunk].unsqueeze(0) for i in range(0, flat.numel(), chunk)]
-    kappa, rank_among_equals = radix_select(pieces, torch.tensor([k]))
+    kappa, rank_among_equals = radix_select(pieces, torch.tensor([k], device=values.device))
     return kappa[0], flat.numel() - k + int(rank_among_equals[0])
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from mergelab.core.config import DEFAULT_MAX_LENGTH
+from mergelab.core.device import DEFAULT_PRECISION, autocast, module_device
 from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.models.split import ROBERTA_LIKE, Architecture, refuse, structural_split, verified_split
 from mergelab.models.task_model import TaskModel, check_label_names
@@ -198,11 +199,13 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()  # not inference_mode: protocols train heads on these features afterwards
     def encode_texts(self, texts: list[str], max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64,
-                     progress: Callable[[int], None] | None = None) -> torch.Tensor:  # fmt: skip
-        """float32 features [N, d] of ``texts`` in order, in eval mode without gradients.
+                     progress: Callable[[int], None] | None = None,
+                     precision: str = DEFAULT_PRECISION) -> torch.Tensor:  # fmt: skip
+        """float32 features [N, d] of ``texts`` in order, on the CPU, in eval mode without gradients.
 
         Texts are tokenised once (truncated to ``max_length``), batched by length so little padding is computed,
-        padded per batch, and put back in the original order. ``progress(n)`` is called after each batch.
+        padded per batch, and put back in the original order. ``progress(n)`` is called after each batch. The
+        forward passes run on the model's device (``precision``: bf16 / fp16 autocast there; fp32: none).
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -212,12 +215,14 @@ class TextEncoder(nn.Module):
             return torch.empty(0, int(self.model.config.hidden_size))
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length(max_length))
         order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-        device = next(self.model.parameters()).device
+        device = module_device(self.model)
         out: torch.Tensor | None = None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = self.tokenizer.pad({k: [encoded[k][i] for i in idx] for k in encoded}, return_tensors="pt")
-            features = self(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+            with autocast(device, precision):
+                features = self(**{k: v.to(device) for k, v in batch.items()})
+            features = features.float().cpu()  # deliberate: features are returned (and cached) on the CPU
             if out is None:
                 out = torch.empty(len(texts), features.shape[1])
             out[torch.tensor(idx)] = features
@@ -285,7 +290,7 @@ def save_pooled_classifier(folder: PathLike, encoder: TextEncoder, head: nn.Line
     out = Path(folder)
     encoder.model.save_pretrained(out)
     encoder.tokenizer.save_pretrained(out)
-    state = {"weight": head.weight.detach().float().cpu().contiguous(),
+    state = {"weight": head.weight.detach().float().cpu().contiguous(),  # deliberate: saved from any device
              "bias": head.bias.detach().float().cpu().contiguous()}  # fmt: skip
     save_file(state, str(out / POOLED_HEAD_WEIGHTS))
     meta = {"format": POOLED_FORMAT, "version": 1, "pooling": encoder.pooling, "label_names": names,
@@ -471,7 +476,7 @@ def _encoder_split(config: Any, pooling: str | None) -> Architecture:
 def classifier_head_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The head tensors of an ``AutoModelForSequenceClassification`` (keys as in the classifier)."""
     arch = split_of_config(model.config)
-    return {f"{name}.{k}": v.detach().cpu().contiguous()
+    return {f"{name}.{k}": v.detach().cpu().contiguous()  # deliberate: for saving, from any device
             for name in arch.head_modules for k, v in getattr(model, name).state_dict().items()}  # fmt: skip
 
 
@@ -487,7 +492,7 @@ def head_from_state(config: Any, state: Mapping[str, torch.Tensor], label_names:
     with torch.device("meta"):  # the encoder part is never materialised
         model = AutoModelForSequenceClassification.from_config(config)
     for name in arch.head_modules:
-        module = getattr(model, name).to_empty(device="cpu")
+        module = getattr(model, name).to_empty(device="cpu")  # deliberate: loaded heads live on the CPU
         part = {k[len(name) + 1 :]: v.float() for k, v in state.items() if k.startswith(name + ".")}
         try:
             module.load_state_dict(part, strict=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mergelab.core.device import module_device
 from mergelab.core.errors import ConfigError, DataError
 
 _GENERIC = re.compile(r"LABEL_(\d+)")
@@ -54,10 +55,11 @@ class TaskModel:
 
     @torch.no_grad()
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``head(encoder(inputs))`` in eval mode without gradients, for a user encoder taking a batch tensor."""
+        """``head(encoder(inputs))`` in eval mode without gradients, for a user encoder taking a batch tensor
+        (``inputs`` are moved to the encoder's device; the logits stay there)."""
         self.encoder.eval()
         self.head.eval()
-        return self.head(self.encoder(inputs))
+        return self.head(self.encoder(inputs.to(module_device(self.encoder))))
 
 
 def head_output_count(head: nn.Module) -> int | None:

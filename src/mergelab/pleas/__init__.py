@@ -6,6 +6,8 @@ Pipeline (algorithms.md §13): ``match`` (activations or weights) → ``allocate
 ``pleas_merge`` runs all of it (settings in ``PleasOptions``). ``pleas.evaluation`` lifts the original heads into
 the merged layout so the shared protocols (``mergelab.evaluation``) score merged models; ``vision_data`` loads the
 offline MNIST / Fashion-MNIST data. The benchmark is ``mergelab.bench.pleas_runner.run_pleas``.
+PLeaS runs on the CPU (its models are small, and matching and the assignment solver are CPU-bound): it takes no
+``device`` yet.
 """
 
 from mergelab.pleas.batchnorm import reestimate_batchnorm_

@@ -38,7 +38,7 @@ class Matching:
 
 def solve_assignment(cost: torch.Tensor) -> torch.Tensor:
     """Hungarian assignment maximising ``Σ_i cost[i, perm[i]]`` (scipy ``linear_sum_assignment``)."""
-    rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy(), maximize=True)  # deliberate: SciPy
     perm = np.empty(len(rows), dtype=np.int64)
     perm[rows] = cols
     return torch.from_numpy(perm)

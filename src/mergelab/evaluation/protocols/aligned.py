@@ -92,22 +92,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from mergelab.core.errors import ConfigError, DataError
 from mergelab.core.rng import derive_seed
 from mergelab.evaluation.protocols.common import (
     ProtocolContext,
+    ProtocolOptions,
     ProtocolOutcome,
     check_labels_fit,
     head_logits,
     outcome,
     paired_split,
-    positive,
-    reject_unknown_options,
     seeded,
 )
 
@@ -131,6 +131,48 @@ LAD_TOL, LAD_WINDOW = 1e-4, 10  # stop when the best objective improved by < LAD
 INTERPOLATES = 1e-6  # an objective this small means the least-squares solution interpolates the fitted pairs
 INVERTIBLE_RCOND = float(torch.finfo(torch.float32).eps)  # σ_min / σ_max above: invertible in float32
 DEFAULT_ALPHA, DEFAULT_ALPHA_WARMUP = 1.0, 0.5
+
+
+class AlignedOptions(ProtocolOptions):
+    """The family, how it is fitted and scored, and its solver (module doc)."""
+
+    protocol: ClassVar[str] = "aligned"
+    transform: Literal[TRANSFORMS] = Field("orthogonal", description="family of G (module doc)")  # type: ignore[valid-type]
+    steps: int | None = Field(None, gt=0, description="solver iterations (null: the family's and solver's default)")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate (solver adam; fast euclidean/orthogonal)")
+    alpha: float | None = Field(None, ge=0, description="orthogonality penalty weight (solver adam; null: 1)")
+    alpha_warmup: float | None = Field(
+        None, ge=0, le=1, description="fraction of the steps ramping alpha up from 0 (solver adam; null: 0.5)"
+    )
+    init: Literal[INITS] | None = Field(None, description="start of the fit (null: the family's default)")  # type: ignore[valid-type]
+    center: bool = Field(False, description="procrustes: fit centred features and add b = ȳ − A x̄")
+    fit: Literal[FITS] = Field("cross", description="cross-fitted halves, or fit and score on the same items")  # type: ignore[valid-type]
+    control: Literal[CONTROLS] = Field("none", description="shuffled: the noise control (rows permuted)")  # type: ignore[valid-type]
+    solver: Literal[SOLVERS] = Field("fast", description="fast solvers, or the Adam reference schedule")  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _meaningful_for_the_solver(self) -> AlignedOptions:
+        problem = solver_mismatch(self.transform, self.solver, self.alpha, self.alpha_warmup, self.init)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def solver_mismatch(family: str, solver: str, alpha: float | None, alpha_warmup: float | None,
+                    init: str | None) -> str | None:  # fmt: skip
+    """Why options set for the Adam solver do not apply to the fast solver of ``family`` (None: they do)."""
+    if solver != "fast" or family == "procrustes":
+        return None
+    if alpha is not None or alpha_warmup is not None:
+        return ("options 'alpha'/'alpha_warmup' set the penalty of solver='adam'; the fast solver keeps A exactly "
+                "orthogonal (no penalty), so set solver: adam to use them")  # fmt: skip
+    if init is not None and family not in PENALISED:
+        return (f"option 'init' applies to solver='adam' (and to euclidean/orthogonal under the fast solver); the "
+                f"fast {family} solver has no initialisation")  # fmt: skip
+    if init is not None and init not in ORTHOGONAL_INITS:
+        return (f"the fast {family} solver starts on the orthogonal group; init must be one of "
+                f"{', '.join(ORTHOGONAL_INITS)}, got {init!r}")  # fmt: skip
+    return None
 
 
 @dataclass(frozen=True)
@@ -443,58 +485,22 @@ def _adam_fit(
 # one fit
 
 
-def _check_number(name: str, value: Any, low: float, high: float | None = None) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value < low
-    if bad or (high is not None and value > high):
-        bound = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-        what = "a number " + bound if high is None else bound
-        raise ConfigError(f"protocol 'aligned': option '{name}' must be {what}, got {value!r}")
-
-
-def check_fit_options(source: torch.Tensor, target: torch.Tensor, family: str, solver: str, steps: int | None,
-                      lr: float, alpha: float | None, alpha_warmup: float | None, init: str | None) -> None:  # fmt: skip
-    """Every option of one aligned fit is known, in range, and meaningful for the family and solver."""
-    if family not in TRANSFORMS:
-        raise ConfigError(f"unknown aligned transform '{family}'; choose one of: {', '.join(TRANSFORMS)}")
-    if solver not in SOLVERS:
-        raise ConfigError(f"unknown aligned solver '{solver}'; choose one of: {', '.join(SOLVERS)}")
+def check_shapes(source: torch.Tensor, target: torch.Tensor) -> None:
+    """An aligned map goes between features of one shape."""
     if source.shape != target.shape:
         raise ConfigError(
             f"aligned transforms map between features of equal shape; got {tuple(source.shape)} and "
             f"{tuple(target.shape)} (merged and fine-tuned encoders must have the same feature size)"
         )
-    if alpha is not None:
-        _check_number("alpha", alpha, 0)
-    if alpha_warmup is not None:
-        _check_number("alpha_warmup", alpha_warmup, 0, 1)
-    if steps is not None:
-        positive("aligned", "steps", steps, integer=True)
-    positive("aligned", "lr", lr)
-    if init is not None and init not in INITS:
-        raise ConfigError(f"unknown aligned init '{init}'; choose one of: {', '.join(INITS)}")
-    if solver == "fast" and (alpha is not None or alpha_warmup is not None) and family != "procrustes":
-        raise ConfigError(
-            "protocol 'aligned': options 'alpha'/'alpha_warmup' set the penalty of solver='adam'; the fast "
-            "solver keeps A exactly orthogonal (no penalty), so set solver: adam to use them"
-        )
-    if solver == "fast" and init is not None and family not in PENALISED and family != "procrustes":
-        raise ConfigError(
-            f"protocol 'aligned': option 'init' applies to solver='adam' (and to euclidean/orthogonal under the "
-            f"fast solver); the fast {family} solver has no initialisation"
-        )
-    if solver == "fast" and init is not None and family in PENALISED and init not in ORTHOGONAL_INITS:
-        raise ConfigError(
-            f"protocol 'aligned': the fast {family} solver starts on the orthogonal group; init must be one of "
-            f"{', '.join(ORTHOGONAL_INITS)}, got {init!r}"
-        )
 
 
-def _solve(source: torch.Tensor, target: torch.Tensor, family: str, info: dict[str, Any], *, seed: int, solver: str,
-           steps: int | None, lr: float, alpha: float, alpha_warmup: float | None, init: str | None,
-           center: bool) -> FittedTransform:  # fmt: skip
-    """The map of ``family`` fitted by ``solver`` (options already checked); solver facts go into ``info``."""
+def _solve(source: torch.Tensor, target: torch.Tensor, info: dict[str, Any], opts: AlignedOptions, *, seed: int,
+           alpha: float) -> FittedTransform:  # fmt: skip
+    """The map of ``opts.transform`` fitted by ``opts.solver``; solver facts go into ``info``."""
+    family, solver, steps, lr, init = opts.transform, opts.solver, opts.steps, opts.lr, opts.init
+    alpha_warmup = opts.alpha_warmup
     if family == "procrustes":
-        fitted = procrustes(source, target, center=center)
+        fitted = procrustes(source, target, center=opts.center)
     elif solver == "adam":
         fitted = _adam_fit(
             source,
@@ -535,28 +541,24 @@ def _solve(source: torch.Tensor, target: torch.Tensor, family: str, info: dict[s
 
 
 def fit_transform(
-    source: torch.Tensor,
-    target: torch.Tensor,
-    family: str,
-    *,
-    seed: int = 0,
-    solver: str = "fast",
-    steps: int | None = None,
-    lr: float = 1e-2,
-    alpha: float | None = None,
-    alpha_warmup: float | None = None,
-    init: str | None = None,
-    center: bool = False,
+    source: torch.Tensor, target: torch.Tensor, family: str, *, seed: int = 0, **settings: Any
 ) -> tuple[FittedTransform, dict[str, Any]]:
-    """Fit G of ``family`` mapping ``source`` [N, d] onto ``target`` [N, d]; returns G and fit diagnostics
+    """Fit G of ``family`` mapping ``source`` [N, d] onto ``target`` [N, d] with the fit ``settings`` (options of
+    ``AlignedOptions``: solver, steps, lr, alpha, alpha_warmup, init, center); returns G and fit diagnostics
     (``final_loss``: the objective on these pairs; ``fit_l1``: its L1 data term; solver facts)."""
-    check_fit_options(source, target, family, solver, steps, lr, alpha, alpha_warmup, init)
-    alpha_value = DEFAULT_ALPHA if alpha is None else float(alpha)
+    return fit_with(source, target, AlignedOptions.parse({**settings, "transform": family}), seed)
+
+
+def fit_with(
+    source: torch.Tensor, target: torch.Tensor, opts: AlignedOptions, seed: int
+) -> tuple[FittedTransform, dict[str, Any]]:
+    """``fit_transform`` with validated options."""
+    check_shapes(source, target)
+    alpha_value = DEFAULT_ALPHA if opts.alpha is None else float(opts.alpha)
     source, target = source.float(), target.float()
-    info: dict[str, Any] = {"solver": solver}
-    fitted = _solve(source, target, family, info, seed=seed, solver=solver, steps=steps, lr=lr, alpha=alpha_value,
-                    alpha_warmup=alpha_warmup, init=init, center=center)  # fmt: skip
-    info["final_loss"], info["fit_l1"] = objective(fitted, source, target, family, alpha_value)
+    info: dict[str, Any] = {"solver": opts.solver}
+    fitted = _solve(source, target, info, opts, seed=seed, alpha=alpha_value)
+    info["final_loss"], info["fit_l1"] = objective(fitted, source, target, opts.transform, alpha_value)
     return fitted, info
 
 
@@ -588,18 +590,18 @@ def _fit_facts(fitted: FittedTransform, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fit_and_map(source: torch.Tensor, target: torch.Tensor, transform: str, fit: str, seed: int,
-                settings: dict[str, Any]) -> tuple[torch.Tensor, list[dict[str, Any]], list[torch.Tensor] | None]:  # fmt: skip
+def fit_and_map(source: torch.Tensor, target: torch.Tensor, opts: AlignedOptions,
+                seed: int) -> tuple[torch.Tensor, list[dict[str, Any]], list[torch.Tensor] | None]:  # fmt: skip
     """Every item's source row mapped by a fitted G: cross-fitted (each half by the map fitted on the other half)
     or in-sample (all items by the map fitted on them all); with each fit's facts and the halves (None in-sample)."""
     n = len(source)
 
     def one_fit(index: torch.Tensor) -> tuple[FittedTransform, dict[str, Any]]:
-        fitted, info = fit_transform(source[index], target[index], transform, seed=seed, **settings)
+        fitted, info = fit_with(source[index], target[index], opts, seed)
         return fitted, _fit_facts(fitted, info)
 
     fits: list[dict[str, Any]] = []
-    if fit != "cross":
+    if opts.fit != "cross":
         fitted, facts = one_fit(torch.arange(n))  # in-sample: score the very pairs it was fitted on
         with torch.no_grad():
             mapped = fitted(source)
@@ -645,33 +647,13 @@ def fit_summary(fits: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def aligned(
-    ctx: ProtocolContext,
-    *,
-    seed: int = 0,
-    shots: int = 0,
-    transform: str = "orthogonal",
-    steps: int | None = None,
-    lr: float = 1e-2,
-    alpha: float | None = None,
-    alpha_warmup: float | None = None,
-    init: str | None = None,
-    center: bool = False,
-    fit: str = "cross",
-    control: str = "none",
-    solver: str = "fast",
-    **options: Any,
-) -> ProtocolOutcome:
+def aligned(ctx: ProtocolContext, *, seed: int = 0, shots: int = 0, **options: Any) -> ProtocolOutcome:
     """Aligned Eval with ``transform`` fitted on the unlabelled eval split (transductive), cross-fitted by
-    default (``fit``), optionally as its shuffled-pairs noise control (``control``).
+    default (``fit``), optionally as its shuffled-pairs noise control (``control``); options: ``AlignedOptions``.
 
     ``seed`` picks the halves, the control's permutation and a random init; ``shots`` is ignored.
     """
-    reject_unknown_options("aligned", options, aligned)
-    if fit not in FITS:
-        raise ConfigError(f"protocol 'aligned': option 'fit' must be one of {', '.join(FITS)}, got {fit!r}")
-    if control not in CONTROLS:
-        raise ConfigError(f"protocol 'aligned': option 'control' must be one of {', '.join(CONTROLS)}, got {control!r}")
+    opts = AlignedOptions.parse(options)
     finetuned = ctx.require_finetuned("aligned")
     merged_split, finetuned_split = paired_split(
         ctx.task, ctx.evaluated, finetuned, ctx.eval_split, "merged and fine-tuned"
@@ -679,24 +661,21 @@ def aligned(
     source, target = merged_split.features.float(), finetuned_split.features.float()
     labels = merged_split.labels
     n = len(labels)
-    if control == "shuffled":  # item i keeps its fine-tuned features and label, and gets another item's merged row
+    if opts.control == "shuffled":  # item i keeps its fine-tuned features and label, gets another item's merged row
         source = source[shuffled_rows(n, seed, "aligned-control")]
-    settings = dict(solver=solver, steps=steps, lr=lr, alpha=alpha, alpha_warmup=alpha_warmup, init=init,
-                    center=center)  # fmt: skip
-
-    mapped, fits, parts = fit_and_map(source, target, transform, fit, seed, settings)
+    mapped, fits, parts = fit_and_map(source, target, opts, seed)
     logits = head_logits(ctx.head, mapped)
     check_labels_fit(ctx.task, merged_split, logits.shape[1], ctx.eval_split)
     predictions = logits.argmax(dim=1).cpu()
     correct = predictions == labels.cpu()
     with torch.no_grad():
-        extras = {"transform": transform, "fit": fit, "control": control, "solver": solver,
+        extras = {"transform": opts.transform, "fit": opts.fit, "control": opts.control, "solver": opts.solver,
                   **score_facts(correct, labels, predictions, logits.shape[1], parts),
                   "l1_before": float((source - target).abs().mean()),
                   # cross: held-out (each item mapped by the map that did not see it); in-sample: on the fitted pairs
                   "l1_after": float((mapped - target).abs().mean()),
                   **fit_summary(fits)}  # fmt: skip
-    if control == "shuffled":
+    if opts.control == "shuffled":
         extras["control_gap"] = int(correct.sum()) / n - extras["chance_independent"]
     return outcome(logits, labels, transductive=True, **extras)
 
@@ -715,12 +694,11 @@ def cell_name(transform: str, fit: str = "cross", control: str = "none") -> str:
 
 def aligned_cells(transforms: Sequence[str], options: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(stored name, options) per transform: the fit and its noise control, unless ``options`` fix ``control``.
-    ``fit`` comes from ``options`` (default cross) and is passed explicitly, so the name says what ran."""
-    fit = options.get("fit", "cross")
-    if fit not in FITS:
-        raise ConfigError(f"protocol 'aligned': option 'fit' must be one of {', '.join(FITS)}, got {fit!r}")
-    fixed = options.get("control")
-    if fixed is not None and fixed not in CONTROLS:
-        raise ConfigError(f"protocol 'aligned': option 'control' must be one of {', '.join(CONTROLS)}, got {fixed!r}")
+    ``fit`` comes from ``options`` (default cross) and is passed explicitly, so the name says what ran. Every
+    cell's options (``options`` with the cell's own) are validated here, before anything runs."""
+    fit, fixed = options.get("fit", "cross"), options.get("control")
     controls = [fixed] if fixed is not None else list(CONTROLS)
-    return [(cell_name(t, fit, c), {"transform": t, "fit": fit, "control": c}) for t in transforms for c in controls]
+    cells = [(cell_name(t, fit, c), {"transform": t, "fit": fit, "control": c}) for t in transforms for c in controls]
+    for _, cell in cells:
+        AlignedOptions.parse({**options, **cell})
+    return cells

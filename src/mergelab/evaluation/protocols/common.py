@@ -1,7 +1,8 @@
 """What every protocol sees and returns, and the helpers the protocols share (the list of protocols: ``registry``).
 
 A protocol is a pure function ``fn(ctx, *, seed, shots, **options) -> ProtocolOutcome`` of cached features and
-the task's fine-tuned head. Heads are never modified: protocols that train start from ``copy.deepcopy(head)``,
+the task's fine-tuned head; its options are declared once, as a ``ProtocolOptions`` model in its module, and
+validated only by that model. Heads are never modified: protocols that train start from ``copy.deepcopy(head)``,
 and scoring runs on a frozen copy in eval mode. Everything a protocol trains is seeded from ``seed`` inside a
 forked RNG, so the global torch RNG is left as it was.
 """
@@ -9,13 +10,16 @@ forked RNG, so the global torch RNG is left as it was.
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Callable, Iterator
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 from torch import nn
 
 from mergelab.core.errors import ConfigError, DataError
@@ -166,24 +170,112 @@ def outcome(logits: torch.Tensor, labels: torch.Tensor, transductive: bool, **ex
     return ProtocolOutcome(accuracy(predictions, labels), predictions, transductive, dict(extras))
 
 
-def reject_unknown_options(protocol: str, options: dict[str, Any], fn: Callable[..., Any]) -> None:
-    """ConfigError for options a protocol function does not declare, listing the ones it does."""
-    if not options:
-        return
-    accepted = [
-        name
-        for name, param in inspect.signature(fn).parameters.items()
-        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("seed", "shots")
-    ]
-    raise ConfigError(
-        f"unknown option(s) {', '.join(repr(o) for o in sorted(options))} for protocol '{protocol}'; "
-        f"its options are: {', '.join(accepted) or '(none)'}"
-    )
+# ------------------------------------------------------------------------------------------------------------
+# options
+
+OptionsT = TypeVar("OptionsT", bound="ProtocolOptions")
 
 
-def positive(protocol: str, name: str, value: float, integer: bool = False) -> None:
-    """ConfigError unless ``value`` is a positive number (an integer when ``integer``)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigError(f"protocol '{protocol}': option '{name}' must be {kind}, got {value!r}")
+class ProtocolOptions(BaseModel):
+    """Base of a protocol's options: one field per option (name, type, default, bounds, description), declared in
+    the protocol's module and listed by the registry. Unknown keys and invalid values raise one ``ConfigError``
+    naming the protocol, each bad option with its value and what it accepts; instances are frozen. Types are
+    strict, as the protocols have always checked them: an integer option refuses 5.0, True and "5"; a number
+    option accepts integers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    protocol: ClassVar[str] = "?"
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            super().__init__(**options)
+        except ValidationError as exc:
+            raise ConfigError(options_error(type(self), exc)) from None
+
+    @classmethod
+    def parse(cls: type[OptionsT], options: Mapping[str, Any] | None = None) -> OptionsT:
+        """The validated options of ``options`` (option name → value)."""
+        try:
+            return cls.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            raise ConfigError(options_error(cls, exc)) from None
+
+    def given(self) -> dict[str, Any]:
+        """The options that were set, converted to their declared types (defaults are not filled in)."""
+        return self.model_dump(exclude_unset=True)
+
+
+def options_error(model: type[ProtocolOptions], exc: ValidationError) -> str:
+    """One line: the unknown options and the known ones, or each bad option with its value and what it accepts
+    (a cross-option rule's message as it is)."""
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        return (
+            f"unknown option(s) {', '.join(repr(u) for u in unknown)} for protocol '{model.protocol}'; "
+            f"its options are: {', '.join(model.model_fields) or '(none)'}"
+        )
+    problems: dict[str, str] = {}
+    for err in errors:
+        if not err["loc"]:  # a model validator: the rule's own message
+            problems[""] = str(err.get("ctx", {}).get("error", err["msg"]))
+            continue
+        key = str(err["loc"][0])
+        problems.setdefault(key, f"option '{key}' must be {accepted(model.model_fields[key])}, got {err['input']!r}")
+    return f"protocol '{model.protocol}': " + "; ".join(problems.values())
+
+
+def option_kind(info: FieldInfo) -> tuple[Any, bool]:
+    """An option's type without ``None``, and whether it may be null."""
+    union = typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(info.annotation) if union else ()
+    kinds = [a for a in args if a is not type(None)] or [info.annotation]
+    return kinds[0], type(None) in args
+
+
+def option_type(info: FieldInfo) -> str:
+    """'int', 'float | null', 'str' (a choice), ... for the options table."""
+    kind, nullable = option_kind(info)
+    name = "str" if typing.get_origin(kind) is typing.Literal else getattr(kind, "__name__", str(kind))
+    return name + (" | null" if nullable else "")
+
+
+def accepted(info: FieldInfo) -> str:
+    """What an option accepts, in words: its choices, its range or its type (``or null`` when it may be unset)."""
+    kind, nullable = option_kind(info)
+    if typing.get_origin(kind) is typing.Literal:
+        text = "one of " + ", ".join(map(str, typing.get_args(kind)))
+    elif kind is bool:
+        text = "true or false"
+    else:
+        text = number_range(kind is int, info.metadata)
+    return text + (" or null" if nullable else "")
+
+
+def number_range(integer: bool, metadata: list[Any]) -> str:
+    """'a positive integer', 'a number >= 0', 'a number in (0, 1]', ... from a field's annotated-types bounds."""
+    bounds = {attr: getattr(m, attr) for m in metadata for attr in ("gt", "ge", "lt", "le") if hasattr(m, attr)}
+    noun = "integer" if integer else "number"
+    article = f"an {noun}" if integer else f"a {noun}"
+    low = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    high = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if low and high:
+        return f"{article} in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low == ("(", 0):
+        return f"a positive {noun}"
+    if low:
+        return f"{article} {'>' if low[0] == '(' else '>='} {low[1]:g}"
+    if high:
+        return f"{article} {'<' if high[0] == ')' else '<='} {high[1]:g}"
+    return article
+
+
+def describe_options(model: type[ProtocolOptions]) -> list[dict[str, str]]:
+    """Name, type, default, accepted values and description of each option (for `mergelab protocols`)."""
+    rows = []
+    for key, info in model.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        rows.append({"name": key, "type": option_type(info), "default": shown, "accepts": accepted(info),
+                     "doc": info.description or ""})  # fmt: skip
+    return rows

@@ -7,26 +7,32 @@ used.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from mergelab.core.errors import DataError
 from mergelab.evaluation.protocols.common import (
     ProtocolContext,
+    ProtocolOptions,
     ProtocolOutcome,
     accuracy,
     check_labels_fit,
     head_logits,
     outcome,
     paired_split,
-    reject_unknown_options,
 )
+
+
+class EnsembleOptions(ProtocolOptions):
+    """Ensemble has no options."""
+
+    protocol: ClassVar[str] = "ensemble"
 
 
 def ensemble(ctx: ProtocolContext, *, seed: int = 0, shots: int = 0, **options: Any) -> ProtocolOutcome:
     """Feature-average ensemble of ``ctx.ensemble_features`` scored with ``ctx.head`` on the eval split."""
-    reject_unknown_options("ensemble", options, ensemble)
+    EnsembleOptions.parse(options)
     members = list(ctx.ensemble_features)
     if not members:
         raise DataError(

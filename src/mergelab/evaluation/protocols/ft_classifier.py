@@ -44,24 +44,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from mergelab.core import sampling
-from mergelab.core.errors import ConfigError, DataError
+from mergelab.core.errors import DataError
 from mergelab.core.rng import derive_seed
 from mergelab.evaluation.protocols.common import (
     ProtocolContext,
+    ProtocolOptions,
     ProtocolOutcome,
     check_labels_fit,
     frozen_copy,
     head_logits,
     outcome,
     paired_split,
-    positive,
-    reject_unknown_options,
     seeded,
     trainable_copy,
 )
@@ -73,6 +73,31 @@ SOLVERS = ("reference", "converged")
 CONVERGED_TOLERANCE = 1e-4  # max |gradient| at which the converged solver stops; pass tolerance= for tighter
 CONVERGED_MAX_ITER = 1000
 CONVERGED_CHANGE = 1e-15  # |ΔKL| (and step size) below which L-BFGS has stalled (a few float64 ulps)
+
+
+class FtClassifierOptions(ProtocolOptions):
+    """The refit's schedule (``reference``) or its solve to convergence (``converged``); module doc."""
+
+    protocol: ClassVar[str] = "ft_classifier"
+    lr: float = Field(REFERENCE_LR, gt=0, description="Adam learning rate (reference solver)")
+    epochs: int = Field(REFERENCE_EPOCHS, gt=0, description="passes over the few-shot set (reference solver)")
+    batch_size: int = Field(1, gt=0, description="inputs per Adam step (reference solver)")
+    full_batch: bool = Field(False, description="Adam on the whole few-shot set at once (reference solver)")
+    steps: int | None = Field(None, gt=0, description="full-batch Adam steps (null: epochs × samples)")
+    sample_fraction: float | None = Field(
+        None, gt=0, le=1, description="refit on this fraction of the eval inputs (transductive; null: k per class)"
+    )
+    head_dropout: bool = Field(False, description="train the head with its dropout on (reference solver)")
+    solver: Literal[SOLVERS] = Field("reference", description="reference schedule or L-BFGS to convergence")  # type: ignore[valid-type]
+    tolerance: float = Field(CONVERGED_TOLERANCE, gt=0, description="max |gradient| to stop at (converged solver)")
+    max_iter: int = Field(CONVERGED_MAX_ITER, gt=0, description="L-BFGS iterations at most (converged solver)")
+
+    @model_validator(mode="after")
+    def _deterministic_solve(self) -> FtClassifierOptions:
+        if self.solver == "converged" and self.head_dropout:
+            raise ValueError("solver 'converged' needs a deterministic objective; drop head_dropout or use solver "
+                             "'reference'")  # fmt: skip
+        return self
 
 
 def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -225,24 +250,6 @@ def reference_steps(count: int, epochs: int, batch_size: int, full_batch: bool, 
     return epochs * math.ceil(count / batch_size)
 
 
-def check_options(solver: str, tolerance: float, max_iter: int, head_dropout: bool, lr: float, epochs: int,
-                  batch_size: int, steps: int | None) -> None:  # fmt: skip
-    """The solver is known and every number of the reference schedule and of the converged solve is positive."""
-    if solver not in SOLVERS:
-        raise ConfigError(f"protocol 'ft_classifier': option 'solver' must be one of {', '.join(SOLVERS)}; "
-                          f"got {solver!r}")  # fmt: skip
-    positive("ft_classifier", "tolerance", tolerance)
-    positive("ft_classifier", "max_iter", max_iter, integer=True)
-    if solver == "converged" and head_dropout:
-        raise ConfigError("protocol 'ft_classifier': solver 'converged' needs a deterministic objective; "
-                          "drop head_dropout or use solver 'reference'")  # fmt: skip
-    positive("ft_classifier", "lr", lr)
-    positive("ft_classifier", "epochs", epochs, integer=True)
-    positive("ft_classifier", "batch_size", batch_size, integer=True)
-    if steps is not None:
-        positive("ft_classifier", "steps", steps, integer=True)
-
-
 def refit_set(ctx: ProtocolContext, shots: int, seed: int,
               sample_fraction: float | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The refit's inputs (evaluated features) and teacher logits (the head on the fine-tuned features): ``shots``
@@ -261,48 +268,32 @@ def refit_set(ctx: ProtocolContext, shots: int, seed: int,
     return merged_pool.features[index], head_logits(ctx.head, finetuned_pool.features[index])
 
 
-def ft_classifier(
-    ctx: ProtocolContext,
-    *,
-    seed: int = 0,
-    shots: int = 5,
-    lr: float = REFERENCE_LR,
-    epochs: int = REFERENCE_EPOCHS,
-    batch_size: int = 1,
-    full_batch: bool = False,
-    steps: int | None = None,
-    sample_fraction: float | None = None,
-    head_dropout: bool = False,
-    solver: str = "reference",
-    tolerance: float = CONVERGED_TOLERANCE,
-    max_iter: int = CONVERGED_MAX_ITER,
-    **options: Any,
-) -> ProtocolOutcome:
-    """FT-Classifier Eval: ``shots`` unlabelled train inputs per class drawn with ``seed`` (module doc);
-    ``solver="converged"`` solves the head refit by L-BFGS instead of running the reference schedule."""
-    reject_unknown_options("ft_classifier", options, ft_classifier)
-    check_options(solver, tolerance, max_iter, head_dropout, lr, epochs, batch_size, steps)
+def ft_classifier(ctx: ProtocolContext, *, seed: int = 0, shots: int = 5, **options: Any) -> ProtocolOutcome:
+    """FT-Classifier Eval: ``shots`` unlabelled train inputs per class drawn with ``seed`` (module doc; options:
+    ``FtClassifierOptions``); ``solver="converged"`` solves the head refit by L-BFGS instead of running the
+    reference schedule."""
+    opts = FtClassifierOptions.parse(options)
     eval_split = ctx.eval_features()
-    transductive = sample_fraction is not None
-    inputs, teacher = refit_set(ctx, shots, seed, sample_fraction)
+    transductive = opts.sample_fraction is not None
+    inputs, teacher = refit_set(ctx, shots, seed, opts.sample_fraction)
     count = len(inputs)
-    if solver == "converged":
-        student, info = solve_head(ctx.head, inputs, teacher, tolerance=tolerance, max_iter=max_iter)
+    if opts.solver == "converged":
+        student, info = solve_head(ctx.head, inputs, teacher, tolerance=opts.tolerance, max_iter=opts.max_iter)
         logits = head_logits(student, eval_split.features)
         check_labels_fit(ctx.task, eval_split, logits.shape[1], ctx.eval_split)
         return outcome(logits, eval_split.labels, transductive, samples=count, train_loss=info["final_kl"],
-                       solver=solver, **info)  # fmt: skip
+                       solver=opts.solver, **info)  # fmt: skip
     student, losses = refit_head(
         ctx.head,
         inputs,
         teacher,
         seed=seed,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        full_batch=full_batch,
-        steps=steps,
-        head_dropout=head_dropout,
+        lr=opts.lr,
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        full_batch=opts.full_batch,
+        steps=opts.steps,
+        head_dropout=opts.head_dropout,
     )
     logits = head_logits(student, eval_split.features)
     check_labels_fit(ctx.task, eval_split, logits.shape[1], ctx.eval_split)
@@ -313,8 +304,8 @@ def ft_classifier(
         samples=count,
         train_loss=losses[-1],
         losses=losses,
-        solver=solver,
+        solver=opts.solver,
         initial_kl=full_batch_kl(ctx.head, inputs, teacher),
         final_kl=full_batch_kl(student, inputs, teacher),
-        iterations=reference_steps(count, epochs, batch_size, full_batch, steps),
+        iterations=reference_steps(count, opts.epochs, opts.batch_size, opts.full_batch, opts.steps),
     )

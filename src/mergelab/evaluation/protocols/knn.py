@@ -8,23 +8,30 @@ No head is used (the head only fixes the number of classes, so every class gets 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 
 from mergelab.core.errors import DataError
 from mergelab.core.sampling import sample_per_class
 from mergelab.evaluation.protocols.common import (
     ProtocolContext,
+    ProtocolOptions,
     ProtocolOutcome,
     accuracy,
     check_labels_fit,
     num_classes,
-    positive,
-    reject_unknown_options,
 )
 
 DISTANCE_CHUNK = 1024  # eval rows per torch.cdist call
+
+
+class KnnOptions(ProtocolOptions):
+    """KNN Eval's options (``shots`` anchors per class come from the run, not from here)."""
+
+    protocol: ClassVar[str] = "knn"
+    chunk_size: int = Field(DISTANCE_CHUNK, gt=0, description="eval rows per distance computation (memory only)")
 
 
 def mean_distance_scores(
@@ -52,12 +59,10 @@ def mean_distance_scores(
     return scores
 
 
-def knn(
-    ctx: ProtocolContext, *, seed: int = 0, shots: int = 5, chunk_size: int = DISTANCE_CHUNK, **options: Any
-) -> ProtocolOutcome:
-    """KNN Eval with ``shots`` anchors per class drawn with ``seed`` from the merged train split."""
-    reject_unknown_options("knn", options, knn)
-    positive("knn", "chunk_size", chunk_size, integer=True)
+def knn(ctx: ProtocolContext, *, seed: int = 0, shots: int = 5, **options: Any) -> ProtocolOutcome:
+    """KNN Eval with ``shots`` anchors per class drawn with ``seed`` from the merged train split (options:
+    ``KnnOptions``)."""
+    opts = KnnOptions.parse(options)
     split = ctx.eval_features()
     train = ctx.evaluated.split("train")
     classes = num_classes(ctx.head, split.features)
@@ -67,6 +72,6 @@ def knn(
     )
     anchors = train.features[index]
     with torch.no_grad():
-        scores = mean_distance_scores(split.features, anchors, train.labels[index], classes, chunk_size)
+        scores = mean_distance_scores(split.features, anchors, train.labels[index], classes, opts.chunk_size)
     predictions = scores.argmin(dim=1).cpu()
     return ProtocolOutcome(accuracy(predictions, split.labels), predictions, False, {"anchors": len(index)})

@@ -10,26 +10,34 @@ class count.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from mergelab.core.errors import ConfigError
 from mergelab.core.rng import derive_seed
 from mergelab.core.sampling import sample_per_class
 from mergelab.evaluation.protocols.common import (
     ProtocolContext,
+    ProtocolOptions,
     ProtocolOutcome,
     check_labels_fit,
     head_logits,
     num_classes,
     outcome,
-    positive,
-    reject_unknown_options,
     seeded,
 )
+
+
+class LinearProbeOptions(ProtocolOptions):
+    """The linear probe's optimiser: full-batch Adam."""
+
+    protocol: ClassVar[str] = "linear_probe"
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate")
+    steps: int = Field(300, gt=0, description="full-batch Adam steps")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
 
 
 def train_probe(
@@ -62,19 +70,11 @@ def linear_probe(
     *,
     seed: int = 0,
     shots: int = 5,
-    lr: float = 1e-2,
-    steps: int = 300,
-    weight_decay: float = 0.0,
     **options: Any,
 ) -> ProtocolOutcome:
-    """Linear probe on ``shots`` labelled train items per class of the evaluated encoder (seeded)."""
-    reject_unknown_options("linear_probe", options, linear_probe)
-    positive("linear_probe", "lr", lr)
-    positive("linear_probe", "steps", steps, integer=True)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ConfigError(
-            f"protocol 'linear_probe': option 'weight_decay' must be >= 0, got {weight_decay!r}"
-        )
+    """Linear probe on ``shots`` labelled train items per class of the evaluated encoder (seeded; options:
+    ``LinearProbeOptions``)."""
+    opts = LinearProbeOptions.parse(options)
     split = ctx.eval_features()
     train = ctx.evaluated.split("train")
     classes = num_classes(ctx.head, split.features)
@@ -87,9 +87,9 @@ def linear_probe(
         train.labels[index],
         classes,
         seed=seed,
-        lr=lr,
-        steps=steps,
-        weight_decay=weight_decay,
+        lr=opts.lr,
+        steps=opts.steps,
+        weight_decay=opts.weight_decay,
     )
     return outcome(
         head_logits(probe, split.features.float()), split.labels, False, samples=len(index), train_loss=loss

@@ -1,23 +1,25 @@
 """The one list of evaluation protocols: name, function, default transductive mark, and how the runner schedules it.
 
-The protocols' shared helpers live in ``common``; this module only lists them.
+The protocols' shared helpers live in ``common``; this module only lists them. Each protocol's options are one
+pydantic model in its module (``ProtocolInfo.options``); ``validate_protocol_options`` checks a protocol's options
+without running it (the benchmark config at load time, `mergelab eval --option`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mergelab.core.errors import ConfigError
-from mergelab.evaluation.protocols.aligned import aligned
-from mergelab.evaluation.protocols.common import ProtocolContext, ProtocolOutcome
-from mergelab.evaluation.protocols.current import current
-from mergelab.evaluation.protocols.ensemble import ensemble
-from mergelab.evaluation.protocols.ft_classifier import ft_classifier
-from mergelab.evaluation.protocols.knn import knn
-from mergelab.evaluation.protocols.linear_probe import linear_probe
-from mergelab.evaluation.protocols.surgery import surgery
+from mergelab.evaluation.protocols.aligned import AlignedOptions, aligned
+from mergelab.evaluation.protocols.common import ProtocolContext, ProtocolOptions, ProtocolOutcome
+from mergelab.evaluation.protocols.current import CurrentOptions, current
+from mergelab.evaluation.protocols.ensemble import EnsembleOptions, ensemble
+from mergelab.evaluation.protocols.ft_classifier import FtClassifierOptions, ft_classifier
+from mergelab.evaluation.protocols.knn import KnnOptions, knn
+from mergelab.evaluation.protocols.linear_probe import LinearProbeOptions, linear_probe
+from mergelab.evaluation.protocols.surgery import SurgeryOptions, surgery
 
 ProtocolFn = Callable[..., ProtocolOutcome]
 
@@ -28,27 +30,26 @@ class ProtocolInfo:
     ``single_cell`` protocols are evaluated once per (model, task): they ignore ``shots`` (and ``seed``, except
     for a seeded initialisation); ``dense``
     protocols fit maps on [N, d] × [d, d] matrices, where more threads pay (the benchmark gives them its
-    ``threads``; the others, on few-shot sets, run faster on ``protocol_threads``)."""
+    ``threads``; the others, on few-shot sets, run faster on ``protocol_threads``); ``options``: the model of its
+    options (names, types, defaults, bounds, descriptions), the only validation of them."""
 
     name: str
     fn: ProtocolFn
     transductive: bool
     single_cell: bool
     summary: str
+    options: type[ProtocolOptions]
     dense: bool = False
-
-
-
 
 
 def protocol_infos() -> dict[str, ProtocolInfo]:
     """Every evaluation protocol, by name."""
     infos = (
         ProtocolInfo(
-            "current", current, False, True, "argmax of the fine-tuned head on the evaluated features"
+            "current", current, False, True, "argmax of the fine-tuned head on the evaluated features", CurrentOptions
         ),
         ProtocolInfo(
-            "knn", knn, False, False, "smallest mean Euclidean distance to k labelled train anchors/class"
+            "knn", knn, False, False, "smallest mean Euclidean distance to k labelled train anchors/class", KnnOptions
         ),
         ProtocolInfo(
             "aligned",
@@ -57,6 +58,7 @@ def protocol_infos() -> dict[str, ProtocolInfo]:
             True,
             "fit a transform G to fine-tuned features on unlabelled "
             "eval inputs (L1), score the fine-tuned head on G(features)",
+            AlignedOptions,
             dense=True,
         ),
         ProtocolInfo(
@@ -65,6 +67,7 @@ def protocol_infos() -> dict[str, ProtocolInfo]:
             False,
             False,
             "refit a copy of the head on k unlabelled train samples/class by KL(p_finetuned || p_merged)",
+            FtClassifierOptions,
         ),
         ProtocolInfo(
             "linear_probe",
@@ -72,9 +75,10 @@ def protocol_infos() -> dict[str, ProtocolInfo]:
             False,
             False,
             "fresh linear head trained with cross-entropy on k labelled train samples/class",
+            LinearProbeOptions,
         ),
         ProtocolInfo(
-            "ensemble", ensemble, False, True, "average of the T fine-tuned encoders' features → head"
+            "ensemble", ensemble, False, True, "average of the T fine-tuned encoders' features → head", EnsembleOptions
         ),
         ProtocolInfo(
             "surgery",
@@ -82,6 +86,7 @@ def protocol_infos() -> dict[str, ProtocolInfo]:
             True,
             True,
             "Representation Surgery adapter z - U relu(D z) fitted by L1 on unlabelled eval inputs",
+            SurgeryOptions,
             dense=True,
         ),
     )
@@ -94,6 +99,13 @@ def get_protocol(name: str) -> ProtocolInfo:
     if name not in infos:
         raise ConfigError(f"unknown protocol '{name}'; choose one of: {', '.join(infos)}")
     return infos[name]
+
+
+def validate_protocol_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` of protocol ``name`` checked by its options model without running it: the options given,
+    converted to their declared types (defaults are not filled in: which options are fixed decides a protocol's
+    cells). An unknown protocol, an unknown option or a bad value raises a one-line ConfigError."""
+    return get_protocol(name).options.parse(options).given()
 
 
 def run_protocol(

@@ -15,25 +15,44 @@ All eval items are scored. ``seed`` drives D's initialisation, the sample draw a
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from mergelab.core.errors import ConfigError
 from mergelab.core.rng import derive_seed
 from mergelab.core.sampling import sample_count
 from mergelab.evaluation.protocols.common import (
     ProtocolContext,
+    ProtocolOptions,
     ProtocolOutcome,
     check_labels_fit,
     head_logits,
     outcome,
     paired_split,
-    positive,
-    reject_unknown_options,
     seeded,
 )
+
+
+class SurgeryOptions(ProtocolOptions):
+    """The adapter, how many eval inputs it sees, and its Adam schedule (module doc)."""
+
+    protocol: ClassVar[str] = "surgery"
+    samples: int | None = Field(None, gt=0, description="eval inputs the adapter sees, drawn uniformly (null: all)")
+    samples_per_class: int | None = Field(
+        None, gt=0, description="k: k × C eval inputs, FT-Classifier's count at k shots (null: use samples)"
+    )
+    rank: int = Field(16, gt=0, description="adapter rank r")
+    steps: int = Field(1000, gt=0, description="Adam steps")
+    batch_size: int = Field(16, gt=0, description="inputs per Adam step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+
+    @model_validator(mode="after")
+    def _one_sample_count(self) -> SurgeryOptions:
+        if self.samples is not None and self.samples_per_class is not None:
+            raise ValueError("give samples or samples_per_class, not both")
+        return self
 
 
 class SurgeryAdapter(nn.Module):
@@ -79,36 +98,20 @@ def fit_adapter(
     return adapter.eval()
 
 
-def surgery(
-    ctx: ProtocolContext,
-    *,
-    seed: int = 0,
-    shots: int = 0,
-    samples: int | None = None,
-    samples_per_class: int | None = None,
-    rank: int = 16,
-    steps: int = 1000,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    **options: Any,
-) -> ProtocolOutcome:
-    """Representation Surgery on the eval split (transductive); ``shots`` is ignored (see ``samples_per_class``)."""
-    reject_unknown_options("surgery", options, surgery)
-    for name, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size)):
-        positive("surgery", name, value, integer=True)
-    positive("surgery", "lr", lr)
+def surgery(ctx: ProtocolContext, *, seed: int = 0, shots: int = 0, **options: Any) -> ProtocolOutcome:
+    """Representation Surgery on the eval split (transductive; options: ``SurgeryOptions``); ``shots`` is ignored
+    (see ``samples_per_class``)."""
+    opts = SurgeryOptions.parse(options)
+    samples = opts.samples
     finetuned = ctx.require_finetuned("surgery")
     merged_split, finetuned_split = paired_split(
         ctx.task, ctx.evaluated, finetuned, ctx.eval_split, "merged and fine-tuned"
     )
     source, target = merged_split.features.float(), finetuned_split.features.float()
     index = torch.arange(len(source))
-    if samples_per_class is not None:
-        if samples is not None:
-            raise ConfigError("surgery: give samples or samples_per_class, not both")
-        positive("surgery", "samples_per_class", samples_per_class, integer=True)
+    if opts.samples_per_class is not None:
         with torch.no_grad():
-            samples = samples_per_class * int(head_logits(ctx.head, source[:1]).shape[1])
+            samples = opts.samples_per_class * int(head_logits(ctx.head, source[:1]).shape[1])
     if samples is not None:
         index = sample_count(
             len(source),
@@ -117,7 +120,13 @@ def surgery(
             what=f"task '{ctx.task}' {ctx.eval_split} split",
         )
     adapter = fit_adapter(
-        source[index], target[index], seed=seed, rank=rank, steps=steps, batch_size=batch_size, lr=lr
+        source[index],
+        target[index],
+        seed=seed,
+        rank=opts.rank,
+        steps=opts.steps,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
     )
     with torch.no_grad():
         adapted = adapter(source)

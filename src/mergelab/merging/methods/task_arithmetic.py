@@ -39,9 +39,13 @@ class TaskArithmetic(MergeMethod):
         """No statistics are needed."""
 
     def merge_task_vectors(self, name: str, taus: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Σ_t λ_t τ_t."""
-        delta = torch.zeros_like(taus[0])
-        for scale, tau in zip(self.scales, taus, strict=True):
+        """Σ_t λ_t τ_t, accumulated in place in ``taus[0]`` (the method owns its task vectors).
+
+        Bit for bit the sum 0 + λ_0 τ_0 + λ_1 τ_1 + … started from zeros: λ_0 τ_0 rounds once either way, and
+        adding +0.0 turns a −0.0 product into +0.0, as 0 + (−0.0) does; no zero tensor is allocated.
+        """
+        delta = taus[0].mul_(self.scales[0]).add_(0.0)
+        for scale, tau in zip(self.scales[1:], taus[1:], strict=True):
             delta.add_(tau, alpha=scale)
         return delta
 

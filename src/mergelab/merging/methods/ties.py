@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -33,6 +35,18 @@ Scope = Literal["global", "per_tensor"]
 Disjoint = Literal["sum", "mean"]
 
 _HIGH_PASS, _LOW_PASS, _SIGN_PASS = 0, 1, 2
+
+
+PARALLEL_MIN = 1 << 20  # entries per tensor from which the T per-tensor selections run in parallel threads
+
+
+def keep_top_each_(flats: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """:func:`keep_top_magnitudes_` on every τ_t, in parallel threads for large tensors (the selections, and the
+    single-threaded CPU argsort used where ties straddle the cut, release the GIL); errors propagate."""
+    if len(flats) < 2 or flats[0].numel() < PARALLEL_MIN:
+        return [keep_top_magnitudes_(f, count) for f in flats]
+    with ThreadPoolExecutor(max_workers=min(len(flats), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda f: keep_top_magnitudes_(f, count), flats))
 
 
 class TiesParams(MethodParams):
@@ -172,7 +186,7 @@ class Ties(MergeMethod):
             majority = self._majority
         else:
             count = magnitude_keep_count(numel, self.params.density)
-            flats = [keep_top_magnitudes_(f, count) for f in flats]  # in place: the method owns its τ_t
+            flats = keep_top_each_(flats, count)  # in place: the method owns its τ_t
             thresholds = None  # already trimmed
             majority = 1.0  # mergekit: γ = +1 where Σ_t λ_t τ̂_t ≥ 0
         merged = torch.empty(numel, dtype=flats[0].dtype)
