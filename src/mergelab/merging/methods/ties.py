@@ -42,7 +42,10 @@ PARALLEL_MIN = 1 << 20  # entries per tensor from which the T per-tensor selecti
 
 def keep_top_each_(flats: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
     """:func:`keep_top_magnitudes_` on every τ_t, in parallel threads for large tensors (the selections, and the
-    single-threaded CPU argsort used where ties straddle the cut, release the GIL); errors propagate."""
+    single-threaded CPU argsort used where ties straddle the cut, release the GIL); errors propagate.
+
+    Measured at 3.2 GB (base + 3, 2 cores, ties straddling the cut in many tensors): 156 s and 4.36 GB peak RSS in
+    threads against 231 s and 2.94 GB one τ_t at a time; each running argsort holds an int64 index per entry."""
     if len(flats) < 2 or flats[0].numel() < PARALLEL_MIN:
         return [keep_top_magnitudes_(f, count) for f in flats]
     with ThreadPoolExecutor(max_workers=min(len(flats), os.cpu_count() or 1)) as pool:
