@@ -13,6 +13,7 @@ from mergelab.core.config import DEFAULT_MAX_LENGTH
 from mergelab.core.device import DEFAULT_PRECISION, DeviceLike, resolve_device
 from mergelab.core.errors import ConfigError
 from mergelab.core.paths import default_cache_dir
+from mergelab.data.images import is_image_task_folder, load_image_task
 from mergelab.data.tasks import load_task
 from mergelab.evaluation.devices import on_device
 from mergelab.evaluation.features import FeatureCache
@@ -22,7 +23,7 @@ from mergelab.evaluation.protocols.registry import get_protocol, protocol_infos,
 from mergelab.evaluation.results import ResultRow, normalized
 from mergelab.evaluation.types import TaskFeatures
 from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
-from mergelab.models.hf import load_encoder, load_task_model
+from mergelab.models.loading import load_encoder, load_task_model
 from mergelab.models.task_model import TaskModel
 
 PathLike = str | os.PathLike[str]
@@ -83,6 +84,11 @@ def checked_options(protocol_options: Mapping[str, Mapping[str, Any]] | None,
     return checked
 
 
+def load_eval_task(name: str, path: PathLike) -> Any:
+    """A text task (folder of split files, saved DatasetDict) or an image task (class folders, path,label tables)."""
+    return load_image_task(name, path) if is_image_task_folder(path) else load_task(name, path)
+
+
 def experts_pooling(experts: Mapping[str, TaskModel]) -> str | None:
     """The feature the experts' heads read (their pooling); experts of mixed kinds are an error."""
     poolings = {name: getattr(model.encoder, "pooling", None) for name, model in experts.items()}
@@ -95,8 +101,8 @@ def evaluated_encoder(merged: PathLike | Mapping[str, torch.Tensor], reference: 
                       pooling: str | None) -> tuple[Any, str]:  # fmt: skip
     """The encoder to evaluate (a checkpoint or a state dict in the base layout) and its content fingerprint."""
     if isinstance(merged, Mapping):
-        return load_encoder(dict(merged), reference, pooling=pooling), state_dict_fingerprint(dict(merged))
-    return load_encoder(merged, reference, pooling=pooling), checkpoint_fingerprint(merged)
+        return load_encoder(dict(merged), reference, pooling), state_dict_fingerprint(dict(merged))
+    return load_encoder(merged, reference, pooling), checkpoint_fingerprint(merged)
 
 
 def evaluate(
@@ -135,7 +141,7 @@ def evaluate(
     where = resolve_device(device)
     cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress,
                          device=where, precision=precision)  # fmt: skip
-    tasks = {name: load_task(name, path) for name, path in data.items()}
+    tasks = {name: load_eval_task(name, path) for name, path in data.items()}
     experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
     expert_fp = {name: checkpoint_fingerprint(path) for name, path in finetuned.items()}
     encoder, merged_fp = evaluated_encoder(merged, next(iter(finetuned.values())), experts_pooling(experts))

@@ -186,7 +186,10 @@ class FeatureCache:
     def _compute_here(self, encoder: Any, task: Any, split: str, max_length: int, batch_size: int) -> torch.Tensor:
         data = task.splits[split]
         with progress_bar(self.progress, f"features {task.name}/{split}", len(data.labels)) as advance:
-            if hasattr(encoder, "encode_texts"):
+            if hasattr(encoder, "encode_images"):  # an image encoder decodes and preprocesses one batch at a time
+                features = encoder.encode_images(data, batch_size=batch_size, progress=advance,
+                                                 precision=self.precision)  # fmt: skip
+            elif hasattr(encoder, "encode_texts"):
                 features = encoder.encode_texts(list(data.texts), max_length=max_length, batch_size=batch_size,
                                                 progress=advance, precision=self.precision)  # fmt: skip
             elif isinstance(encoder, torch.nn.Module):

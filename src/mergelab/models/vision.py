@@ -17,7 +17,8 @@ Preprocessing is the model's own image processor (``AutoImageProcessor``), never
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergelab.core.errors import CheckpointError, ConfigError
+from mergelab.models.hf import _read_weights, _require_folder, head_label_names
+from mergelab.models.task_model import TaskModel, check_label_names
 
 IMAGE_FEATURES = ("pooler", "cls", "mean")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -55,6 +58,16 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return image_feature(self.model(pixel_values=pixel_values), self.pooling)
+
+    def encode_images(self, split: Any, batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                      precision: str = "fp32") -> torch.Tensor:  # fmt: skip
+        """Features of every image of ``split`` (an ``ImageSplit``), one batch of pixels at a time."""
+        if self.processor is None:
+            raise ConfigError("this image encoder has no image processor; load it from a folder that has one")
+        if precision != "fp32":
+            raise ConfigError(f"image features run in fp32 here; precision {precision!r} is for text encoders")
+        return torch.cat([encode_images(self, self.processor, split.images(start, start + batch_size),
+                                        batch_size, progress) for start in range(0, len(split), batch_size)])  # fmt: skip
 
 
 class ClipImageEncoder(nn.Module):
@@ -167,3 +180,57 @@ def zero_shot_head(weights: torch.Tensor) -> nn.Linear:
 def clip_image_encoder(clip: nn.Module, processor: Any = None) -> ClipImageEncoder:
     """The merged part of a CLIP model: its vision tower and visual projection."""
     return ClipImageEncoder(clip.vision_model, clip.visual_projection, processor).eval()
+
+
+def is_image_classifier(config: Any) -> bool:
+    """Whether an HF config describes an image classifier (``*ForImageClassification``)."""
+    return any(str(a).endswith("ForImageClassification") for a in (getattr(config, "architectures", None) or []))
+
+
+def load_processor(folder: Path) -> Any:
+    """The model's own image processor (the slow, PIL/numpy one: no torchvision needed)."""
+    from transformers import AutoImageProcessor  # lazy: transformers' auto classes cost ~1 s to import
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, use_fast=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder} has no image processor ({exc}); save the model's processor with it "
+                              "(processor.save_pretrained(folder))") from None  # fmt: skip
+
+
+def load_image_task_model(path: str | Path, label_names: Sequence[str] | None = None) -> TaskModel:
+    """A fine-tuned HF image classifier folder as encoder (base model + its head's feature) + head."""
+    from transformers import AutoConfig, AutoModelForImageClassification  # lazy: see load_processor
+
+    folder = _require_folder(path, "fine-tuned image classifier")
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    head_names = head_label_names(config)
+    if label_names is not None:
+        check_label_names(head_names, list(label_names), f"fine-tuned model {folder}")
+    model = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True).float().eval()
+    encoder, head = split_image_classifier(model, load_processor(folder))
+    names = [str(n) for n in label_names] if label_names is not None else head_names
+    return TaskModel(encoder, head.eval(), names)
+
+
+def load_image_encoder(source: str | Path | Mapping[str, torch.Tensor], reference: str | Path,
+                       pooling: str) -> ImageEncoder:  # fmt: skip
+    """The base model of the image classifier ``reference`` with the weights of ``source`` (a model folder: a
+    classifier or a bare base; a folder of weights; or a state dict in the checkpoint's layout) and the feature
+    ``pooling``. transformers' own loading maps the checkpoint's tensor names; the processor is the reference's."""
+    from transformers import AutoModelForImageClassification  # lazy: see load_processor
+
+    reference = _require_folder(reference, "reference image classifier")
+    if isinstance(source, Mapping):
+        where, state = reference, dict(source)
+    else:
+        folder = _require_folder(source, "encoder checkpoint")
+        where, state = (folder, None) if (folder / "config.json").is_file() else (reference, _read_weights(folder))
+    model, info = AutoModelForImageClassification.from_pretrained(
+        str(where), local_files_only=True, output_loading_info=True, **({"state_dict": state} if state else {}))
+    head_name, _ = classifier_head(model)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(f"{head_name}.")]
+    if missing:
+        raise CheckpointError(f"the encoder checkpoint lacks {len(missing)} tensors of the base model "
+                              f"({sorted(missing)[:3]}); pass the whole encoder")  # fmt: skip
+    return ImageEncoder(model.base_model.float().eval(), pooling, load_processor(reference))
