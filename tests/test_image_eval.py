@@ -25,10 +25,10 @@ from mergelab.data.images import load_image_task
 CLASSES = ("circle", "square", "stripe")
 
 
-def write_task(root, per_class: int = 6):
+def write_task(root, per_class: int = 6, classes=CLASSES):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(classes):
             for i in range(per_class):
                 pixels = rng.integers(0, 60, (36, 36, 3), dtype=np.uint8)
                 pixels[:, :, c] += 150  # a colour cue per class
@@ -64,12 +64,12 @@ def own_predictions(folder, model_class, processor_class, images) -> list[int]:
         return model(**processor(images=images, return_tensors="pt")).logits.argmax(1).tolist()
 
 
-def relabel_test_by(data, predictions: list[int]) -> None:
+def relabel_test_by(data, predictions: list[int], classes=CLASSES) -> None:
     """Move each test image into the class folder the model predicts: its own test accuracy is then exactly 1."""
     split = load_image_task("shapes", data).splits["test"]
     staged = data / "staged"
     for index, (path, predicted) in enumerate(zip(split.sources, predictions, strict=True)):
-        target = staged / CLASSES[predicted] / f"{index}.png"
+        target = staged / classes[predicted] / f"{index}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         path.rename(target)
     for folder in (data / "test").iterdir():
@@ -112,3 +112,54 @@ def test_image_eval_with_a_wrong_label_set_is_one_line(tmp_path):
                                       "--data", f"shapes={data}", "--cache-dir", str(tmp_path / "c")])  # fmt: skip
     assert result.exit_code == 1
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+
+
+def tiny_clip_folder(folder):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from tests._text_helpers import write_tokenizer
+
+    tokenizer = write_tokenizer(folder)
+    torch.manual_seed(3)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, eos_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder, tokenizer
+
+
+def clip_zero_shot_predictions(folder, tokenizer, names, images) -> list[int]:
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    pixels = CLIPImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
+    text = tokenizer([f"a photo of a {n}." for n in names], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels)
+    return out.logits_per_image.argmax(1).tolist()
+
+
+def test_pretrained_clip_current_eval_is_its_zero_shot_accuracy_and_every_protocol_runs(tmp_path):
+    pets = ("cat", "dog", "fish")  # words of the tiny tokenizer
+    data = write_task(tmp_path / "pets", classes=pets)
+    clip, tokenizer = tiny_clip_folder(tmp_path / "clip")
+    test = load_image_task("pets", data).splits["test"]
+    predictions = clip_zero_shot_predictions(clip, tokenizer, pets, test.images(0, len(test)))
+    relabel_test_by(data, predictions, pets)  # CLIP's own zero-shot accuracy on the relabelled split is exactly 1
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(app, [
+        "eval", "--merged", str(clip), "--finetuned", f"pets={clip}", "--data", f"pets={data}",
+        "--protocol", "current,knn,aligned,ft_classifier,linear_probe,ensemble,surgery", "--shots", "2",
+        "--num-seeds", "1", "--transforms", "procrustes", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert next(r for r in rows if r["protocol"] == "current")["accuracy"] == 1.0
+    assert {r["protocol"].split(":")[0] for r in rows} >= {"current", "knn", "aligned", "aligned-control",
+                                                           "ft_classifier", "linear_probe", "ensemble", "surgery"}

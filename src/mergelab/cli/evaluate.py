@@ -37,6 +37,10 @@ def eval_command(
     max_length: int = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", min=2, help="tokens per input"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (features and protocols)"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast on an accelerator"),
+    zero_shot_text: str = typer.Option(None, "--zero-shot-text", help="CLIP: the pretrained CLIP whose text tower "
+                                       "builds each task's zero-shot head (default: each model's own)"),
+    template: list[str] = typer.Option(None, "--template", help="CLIP: a prompt template with {} for the class name; "
+                                       "repeatable (default: 'a photo of a {}.')"),
     option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
 ) -> None:
     """Evaluate an encoder on tasks with the paper's protocols; prints tasks × protocols (mean ± std)."""
@@ -53,6 +57,7 @@ def eval_command(
         protocols=[p.strip() for p in protocol.split(",") if p.strip()], shots=shot_list, num_seeds=num_seeds, seed=seed,
         transforms=[t.strip() for t in transforms.split(",") if t.strip()], cache_dir=cache_dir,
         max_length=max_length, protocol_options=protocol_options, device=device, precision=precision,
+        zero_shot_text=zero_shot_text, **({"templates": tuple(template)} if template else {}),
     )  # fmt: skip
     console().print(protocol_table(rows))
     if out is not None:

@@ -25,6 +25,7 @@ from mergelab.evaluation.types import TaskFeatures
 from mergelab.io.fingerprint import checkpoint_fingerprint, state_dict_fingerprint
 from mergelab.models.loading import load_encoder, load_task_model
 from mergelab.models.task_model import TaskModel
+from mergelab.models.vision import DEFAULT_TEMPLATES
 
 PathLike = str | os.PathLike[str]
 DEFAULT_TRANSFORMS = ("orthogonal", "procrustes")
@@ -121,6 +122,8 @@ def evaluate(
     protocol_options: Mapping[str, Mapping[str, Any]] | None = None,
     model_name: str = "merged",
     progress: bool = True,
+    zero_shot_text: PathLike | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
     device: DeviceLike = "auto",
     precision: str = DEFAULT_PRECISION,
 ) -> list[ResultRow]:
@@ -142,7 +145,8 @@ def evaluate(
     cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir() / "features", progress=progress,
                          device=where, precision=precision)  # fmt: skip
     tasks = {name: load_eval_task(name, path) for name, path in data.items()}
-    experts = {name: load_task_model(path, label_names=tasks[name].label_names) for name, path in finetuned.items()}
+    experts = {name: load_task_model(path, label_names=tasks[name].label_names, text_source=zero_shot_text,
+                                     templates=templates) for name, path in finetuned.items()}  # fmt: skip
     expert_fp = {name: checkpoint_fingerprint(path) for name, path in finetuned.items()}
     encoder, merged_fp = evaluated_encoder(merged, next(iter(finetuned.values())), experts_pooling(experts))
 

@@ -83,6 +83,11 @@ class ClipImageEncoder(nn.Module):
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output
         return F.normalize(self.visual_projection(pooled), dim=-1)
 
+    def encode_images(self, split: Any, batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                      precision: str = "fp32") -> torch.Tensor:  # fmt: skip
+        """Features of every image of ``split`` (an ``ImageSplit``), one batch of pixels at a time."""
+        return ImageEncoder.encode_images(self, split, batch_size, progress, precision)  # type: ignore[arg-type]
+
 
 def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
     """The (name, module) of an image classifier's head: its one parameterised child besides the base model."""
@@ -234,3 +239,38 @@ def load_image_encoder(source: str | Path | Mapping[str, torch.Tensor], referenc
         raise CheckpointError(f"the encoder checkpoint lacks {len(missing)} tensors of the base model "
                               f"({sorted(missing)[:3]}); pass the whole encoder")  # fmt: skip
     return ImageEncoder(model.base_model.float().eval(), pooling, load_processor(reference))
+
+
+def load_clip(folder: str | Path, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """An HF ``CLIPModel`` from ``folder`` (with the weights of ``state`` when given), float32, eval mode."""
+    from transformers import CLIPModel  # lazy: see load_processor
+
+    folder = _require_folder(folder, "CLIP model")
+    kwargs = {"state_dict": dict(state)} if state is not None else {}
+    return CLIPModel.from_pretrained(str(folder), local_files_only=True, **kwargs).float().eval()
+
+
+def load_clip_task_model(path: str | Path, label_names: Sequence[str], text_source: str | Path | None = None,
+                         templates: Sequence[str] = DEFAULT_TEMPLATES) -> TaskModel:  # fmt: skip
+    """A (fine-tuned) CLIP folder as a task model: its vision tower as the encoder, the zero-shot head of the class
+    names built from the text tower of ``text_source`` (the pretrained CLIP; default: ``path`` itself)."""
+    from transformers import AutoTokenizer  # lazy: see load_processor
+
+    clip = load_clip(path)
+    text_folder = _require_folder(text_source or path, "CLIP text tower")
+    text_clip = clip if text_source is None else load_clip(text_folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(text_folder), local_files_only=True)
+    head = zero_shot_head(zero_shot_weights(text_clip, tokenizer, [str(n) for n in label_names], templates))
+    return TaskModel(clip_image_encoder(clip, load_processor(_require_folder(path, "CLIP model"))), head,
+                     [str(n) for n in label_names])  # fmt: skip
+
+
+def load_clip_encoder(source: str | Path | Mapping[str, torch.Tensor], reference: str | Path) -> ClipImageEncoder:
+    """The vision tower (+ projection) of a merged CLIP: a CLIP folder, or a state dict / weights folder in the
+    reference's layout."""
+    if isinstance(source, Mapping):
+        clip = load_clip(reference, source)
+    else:
+        folder = _require_folder(source, "encoder checkpoint")
+        clip = load_clip(folder) if (folder / "config.json").is_file() else load_clip(reference, _read_weights(folder))
+    return clip_image_encoder(clip, load_processor(_require_folder(reference, "reference CLIP")))
