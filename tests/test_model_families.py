@@ -8,11 +8,15 @@ encoders are evaluated) must give the same features.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
+from typer.testing import CliRunner
 
+from mergelab.cli import app
 from mergelab.core.errors import CheckpointError
 from mergelab.models import split as split_module
 from mergelab.models.hf import classifier_head_state, head_from_state, load_encoder, load_task_model
@@ -146,3 +150,24 @@ def test_a_split_that_misses_the_models_logits_is_refused(folders, monkeypatch):
     monkeypatch.setattr(split_module, "candidates", lambda model: wrong)  # ELECTRA's gelu left out
     with pytest.raises(CheckpointError, match=r"'electra'.*logits differ.*TaskModel\.from_modules"):
         load_task_model(folders["electra"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "deberta-v2", "t5"])
+def test_eval_cli_current_of_a_fine_tuned_model_is_its_own_accuracy(folders, kind, tmp_path):
+    """`mergelab eval --merged FT --finetuned t=FT --data t=D`: the test labels are the model's own predictions
+    (transformers, each text alone), so its own accuracy is exactly 1 and Current Eval must say so."""
+    folder = folders[kind]
+    _, alone = own_logits(folder, TEXTS)
+    data = tmp_path / "data"
+    data.mkdir()
+    train = [(t, LABELS[i % 3]) for i, t in enumerate(TEXTS * 2)]
+    test = [(t, LABELS[int(p)]) for t, p in zip(TEXTS, alone.argmax(1), strict=True)]
+    for split, rows in (("train", train), ("test", test)):
+        (data / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(app, ["eval", "--merged", str(folder), "--finetuned", f"t={folder}", "--data",
+                                      f"t={data}", "--protocol", "current", "--cache-dir", str(tmp_path / "cache"),
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())
+    assert row["accuracy"] == 1.0 and row["normalized_accuracy"] == 1.0
