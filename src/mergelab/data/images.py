@@ -23,12 +23,14 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from mergelab.core.errors import DataError
+from mergelab.data.types import check_splits
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "dev"), "test": ("test",)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -77,20 +79,23 @@ class ImageTask:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for required in ("train", "test"):
-            if required not in self.splits:
-                raise DataError(f"image task '{self.name}' has no {required} split; add a {required}/ folder "
-                                f"(one sub-folder per class) or a {required}.csv of path,label rows")  # fmt: skip
-        for split_name, split in self.splits.items():
-            if len(split) == 0:
-                raise DataError(f"image task '{self.name}': the {split_name} split is empty")
+        check_splits("image task", self.name, self.splits,
+                     "add a {split}/ folder (one sub-folder per class) or a {split}.csv of path,label rows")
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    @cached_property
+    def _content_hash(self) -> str:
+        return self._hash()
+
     def content_hash(self) -> str:
-        """sha256 over the label names and every split's image bytes and labels (a cache key for features)."""
+        """sha256 over the label names and every split's image bytes and labels (a cache key for features); read
+        once per task, since it reads every image file."""
+        return self._content_hash
+
+    def _hash(self) -> str:
         digest = hashlib.sha256(json.dumps(self.label_names).encode())
         for split_name in sorted(self.splits):
             split = self.splits[split_name]

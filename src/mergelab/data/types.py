@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,16 @@ class TextSplit:
         return len(self.labels)
 
 
+def check_splits(kind: str, name: str, splits: Mapping[str, Any], how_to_add: str) -> None:
+    """Train and test are present (``how_to_add`` says how to add one) and no split is empty."""
+    for required in ("train", "test"):
+        if required not in splits:
+            raise DataError(f"{kind} '{name}' has no {required} split; {how_to_add.format(split=required)}")
+    for split_name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(f"{kind} '{name}': the {split_name} split is empty")
+
+
 @dataclass(frozen=True)
 class TextTask:
     """A named task: splits (train and test required, validation optional), label names, provenance."""
@@ -35,12 +46,8 @@ class TextTask:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for required in ("train", "test"):
-            if required not in self.splits:
-                raise DataError(f"task '{self.name}' has no {required} split; add a {required}.csv/.jsonl/.parquet file")
+        check_splits("task", self.name, self.splits, "add a {split}.csv/.jsonl/.parquet file")
         for split_name, split in self.splits.items():
-            if len(split) == 0:
-                raise DataError(f"task '{self.name}': the {split_name} split is empty")
             bad = sorted({y for y in split.labels if not 0 <= y < len(self.label_names)})
             if bad:
                 raise DataError(f"task '{self.name}': {split_name} labels {bad[:5]} are outside 0..{len(self.label_names) - 1}")
