@@ -20,8 +20,8 @@ import torch
 
 from mergelab.bench.config import demo_config
 from mergelab.bench.pool import load_expert_pool
-from mergelab.core.sampling import uniform_subset
 from mergelab.io.writer import atomic_write_text
+from mergelab.learned.api import neulig_train_set
 from mergelab.learned.neulig import (
     NeuLigOptions,
     NeuLigTask,
@@ -48,12 +48,7 @@ def main() -> None:
     encoders = [m.encoder.float().eval() for m in models.values()]
     states = [{k: v.detach() for k, v in e.model.state_dict().items()} for e in encoders]
     max_length = cfg.eval_max_length
-    features, labels = [], []
-    for index, task in enumerate(ctx.tasks.values()):
-        train = task.splits["train"]
-        chosen = uniform_subset(len(train), options.train_examples, options.seed + index).tolist()
-        features.append(expert_features(encoders, [train.texts[i] for i in chosen], max_length))
-        labels.append(torch.tensor([train.labels[i] for i in chosen]))
+    features, labels = neulig_train_set(ctx.tasks.values(), encoders, options, max_length)
     evaluation = {
         name: NeuLigTask(list(task.splits["test"].texts), list(task.splits["test"].labels),
                          expert_features(encoders, task.splits["test"].texts, max_length), models[name].head)

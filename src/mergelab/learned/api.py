@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,12 +167,7 @@ def neulig_with_data(
     states = [{n: t.detach() for n, t in e.model.state_dict().items()} for e in encoders]  # CPU: merged there
     for encoder in encoders:
         encoder.to(where)  # models loaded for this call only
-    features, labels = [], []
-    for index, task in enumerate(tasks.values()):
-        train = task.splits["train"]
-        chosen = uniform_subset(len(train), p.train_examples, p.seed + index).tolist()
-        features.append(expert_features(encoders, [train.texts[i] for i in chosen], max_length))
-        labels.append(torch.tensor([train.labels[i] for i in chosen]))
+    features, labels = neulig_train_set(tasks.values(), encoders, p, max_length)
     heads = [m.head for m in models.values()]
     router = train_router(features, labels, heads, standardized_xi(states), p.loss, p.steps, p.lr, p.batch_size,
                           p.regulariser_scale, p.seed)  # fmt: skip
@@ -182,6 +177,19 @@ def neulig_with_data(
     variants = {rule: evaluate_neulig(router, scratch, states, evaluation, rule, p.eval_batch_size, max_length)
                 for rule in p.weights_from}  # fmt: skip
     return NeuLigReport(router, variants)
+
+
+def neulig_train_set(tasks: Iterable[TextTask], encoders: Sequence[Any], options: NeuLigOptions,
+                     max_length: int) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:  # fmt: skip
+    """The router's training data: per task, every expert's features of at most ``train_examples`` train items (a
+    seeded subset, seed ``options.seed + task index``) and their labels."""
+    features, labels = [], []
+    for index, task in enumerate(tasks):
+        train = task.splits["train"]
+        chosen = uniform_subset(len(train), options.train_examples, options.seed + index).tolist()
+        features.append(expert_features(encoders, [train.texts[i] for i in chosen], max_length))
+        labels.append(torch.tensor([train.labels[i] for i in chosen]))
+    return features, labels
 
 
 def _neulig_test_task(
