@@ -83,7 +83,12 @@ def figure_aligned(rows: RunResults | Iterable[RowLike]) -> bytes | None:
         _aligned_lines(ax, results, method, chance.get(method))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(families))], families, rotation=45, fontsize=8)
         ax.set_title(method, fontsize=9)
-    for ax in list(axes.flat)[len(methods) :]:
+    return finish_grid(fig, axes, len(methods))
+
+
+def finish_grid(fig: Any, axes: Any, used: int) -> bytes:
+    """Hide the unused panels of a grid of per-method panels, label the y axes, put one legend below, as PNG."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     for line in axes:
         line[0].set_ylabel("average accuracy (%)")
@@ -139,13 +144,7 @@ def figure_shots(rows: RunResults | Iterable[RowLike]) -> bytes | None:
         ax.set_xlabel("shots per class")
     for ax in axes.flat:
         ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
-    for ax in list(axes.flat)[len(methods) :]:
-        ax.axis("off")
-    for line in axes:
-        line[0].set_ylabel("average accuracy (%)")
-    fig.tight_layout()
-    bottom_legend(fig, axes[0][0])
-    return png(fig)
+    return finish_grid(fig, axes, len(methods))
 
 
 def _std(std: float) -> float:
