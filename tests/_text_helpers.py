@@ -65,3 +65,25 @@ def tiny_classifier(kind: str, folder: Path, num_labels: int = 3, seed: int = 0)
     model.eval().save_pretrained(folder)
     write_tokenizer(folder)
     return folder
+
+
+def write_task_folder(task: TextTask, folder: Path) -> Path:
+    """The task as a data folder of ``{split}.csv`` files with ``text`` and ``label`` (label names) columns."""
+    import pandas as pd
+
+    folder.mkdir(parents=True)
+    for split, data in task.splits.items():
+        pd.DataFrame({"text": data.texts, "label": [task.label_names[y] for y in data.labels]}).to_csv(
+            folder / f"{split}.csv", index=False)  # fmt: skip
+    return folder
+
+
+def tiny_bare_base(root: Path, seed: int = 0) -> Path:
+    """A bare tiny BERT encoder with its tokenizer in ``root/base`` (like all-MiniLM-L6-v2: no head)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    classifier = tiny_classifier("bert", root / "cls", seed=seed)
+    bare = root / "base"
+    AutoModel.from_pretrained(classifier).save_pretrained(bare)
+    AutoTokenizer.from_pretrained(classifier).save_pretrained(bare)
+    return bare

@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from transformers import AutoModel, AutoTokenizer
 
 from mergelab.bench import baselines, cells, selection
 from mergelab.bench.config import PROTOCOLS, ExperimentConfig, builtin_config, demo_config, load_experiment_config
@@ -26,26 +25,15 @@ from mergelab.evaluation.features import FeatureCache
 from mergelab.evaluation.protocols.registry import protocol_infos
 from mergelab.evaluation.results import ModelKind, summarize
 from mergelab.finetune import experts
-from tests._text_helpers import make_task, tiny_classifier
+from tests._text_helpers import make_task, tiny_bare_base, write_task_folder
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_task_folder(task, folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for split, data in task.splits.items():
-        pd.DataFrame({"text": data.texts, "label": [task.label_names[y] for y in data.labels]}).to_csv(
-            folder / f"{split}.csv", index=False)  # fmt: skip
-    return folder
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bench")
-    base = tiny_classifier("bert", root / "cls")
-    bare = root / "base"
-    AutoModel.from_pretrained(base).save_pretrained(bare)
-    AutoTokenizer.from_pretrained(base).save_pretrained(bare)
+    bare = tiny_bare_base(root)
     tasks = [write_task_folder(make_task(f"t{i}", num_classes=2 + i, per_class=10, seed=i), root / f"t{i}") for i in range(2)]
     config = {
         "base": str(bare),

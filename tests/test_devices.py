@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoTokenizer
 
 from mergelab.bench.config import load_experiment_config
 from mergelab.bench.runner import run_benchmark
@@ -24,8 +23,7 @@ from mergelab.finetune.config import FinetuneConfig
 from mergelab.finetune.experts import expert_cache_key, finetune_expert
 from tests._hf_helpers import make_task as make_hf_task
 from tests._hf_helpers import tiny_base
-from tests._text_helpers import make_task, tiny_classifier
-from tests.test_bench import write_task_folder
+from tests._text_helpers import make_task, tiny_bare_base, write_task_folder
 
 FAST = dict(epochs=1, lr=5e-3, max_length=16, batch_size=4, seed=0, warmup_ratio=0.0, head_init="random")
 
@@ -145,10 +143,7 @@ def test_finetuning_on_explicit_cpu_equals_the_default(tmp_path):
 
 
 def _bench_config(root: Path, device: str | None) -> Path:
-    base = tiny_classifier("bert", root / "cls")
-    bare = root / "base"
-    AutoModel.from_pretrained(base).save_pretrained(bare)
-    AutoTokenizer.from_pretrained(base).save_pretrained(bare)
+    bare = tiny_bare_base(root)
     tasks = [write_task_folder(make_task(f"t{i}", num_classes=2 + i, per_class=8, seed=i), root / f"t{i}") for i in range(2)]
     config = {
         "base": str(bare), "tasks": [{"name": f"t{i}", "path": str(p)} for i, p in enumerate(tasks)],

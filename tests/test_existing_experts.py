@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
 from mergelab.bench import pool as pool_module
 from mergelab.bench.config import ExperimentConfig, builtin_config, load_experiment_config
@@ -20,27 +20,24 @@ from mergelab.bench.runner import run_benchmark
 from mergelab.core.errors import CheckpointError, ConfigError, DataError
 from mergelab.finetune import experts as finetune_module
 from mergelab.io.hub import looks_like_hub_id
-from tests._text_helpers import SPECIAL, WORDS, make_task, tiny_classifier, write_tokenizer
+from tests._text_helpers import (
+    SPECIAL,
+    WORDS,
+    make_task,
+    tiny_bare_base,
+    tiny_classifier,
+    write_task_folder,
+    write_tokenizer,
+)
 
 TASKS = ("t0", "t1", "t2")
-
-
-def write_task_folder(task, folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for split, data in task.splits.items():
-        pd.DataFrame({"text": data.texts, "label": [task.label_names[y] for y in data.labels]}).to_csv(
-            folder / f"{split}.csv", index=False)  # fmt: skip
-    return folder
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A tiny bare base, three tiny tasks, and one benchmark run that fine-tuned their experts."""
     root = tmp_path_factory.mktemp("existing")
-    classifier = tiny_classifier("bert", root / "cls")
-    base = root / "base"
-    AutoModel.from_pretrained(classifier).save_pretrained(base)
-    AutoTokenizer.from_pretrained(classifier).save_pretrained(base)
+    base = tiny_bare_base(root)
     tasks = {name: write_task_folder(make_task(name, num_classes=2 + i, per_class=10, seed=i), root / name)
              for i, name in enumerate(TASKS)}  # fmt: skip
     config = {
