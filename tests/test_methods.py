@@ -132,6 +132,11 @@ def naive_mergekit_ties_tensor(ts: list[torch.Tensor], density: float, disjoint:
     return merged.reshape(ts[0].shape)
 
 
+def mergekit_ties(scope: str) -> dict[str, str]:
+    """Per tensor, mergekit's own tie order at the cut (the quantised states tie there)."""
+    return {"tie_break": "argsort"} if scope == "per_tensor" else {}
+
+
 def naive_ties_delta(taus: dict[str, list[torch.Tensor]], density, scope, disjoint, scales) -> State:
     if scope == "per_tensor":
         return {n: naive_mergekit_ties_tensor(ts, density, disjoint, scales) for n, ts in taus.items()}
@@ -177,7 +182,7 @@ def test_task_arithmetic_matches_reference(scale):
 @pytest.mark.parametrize("quantised", [False, True])
 def test_ties_matches_whole_vector_reference(scope, disjoint, density, quantised):
     base, models = make_states(3, quantised=quantised)
-    method = Ties(TiesParams(density=density, scope=scope, disjoint=disjoint, scale=0.3), 3)
+    method = Ties(TiesParams(density=density, scope=scope, disjoint=disjoint, scale=0.3, **mergekit_ties(scope)), 3)
     expected = plus(base, naive_ties_delta(naive_taus(base, models), density, scope, disjoint, [0.3] * 3))
     assert_states_close(drive(method, base, models), expected)
 
@@ -186,7 +191,7 @@ def test_ties_matches_whole_vector_reference(scope, disjoint, density, quantised
 def test_ties_per_model_scales_are_applied_before_the_election(scope):
     base, models = make_states(4, quantised=True)
     scales = [1.0, -0.5, 2.0]
-    method = Ties(TiesParams(density=0.3, scope=scope, disjoint="mean", scale=scales), 3)
+    method = Ties(TiesParams(density=0.3, scope=scope, disjoint="mean", scale=scales, **mergekit_ties(scope)), 3)
     expected = plus(base, naive_ties_delta(naive_taus(base, models), 0.3, scope, "mean", scales))
     assert_states_close(drive(method, base, models), expected)
 

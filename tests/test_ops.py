@@ -97,8 +97,8 @@ def test_radix_select_gives_per_row_ranks_and_the_rank_among_equals():
     values, among_equals = ops.radix_select(chunks, torch.tensor([3, 2]))
     assert values.tolist() == [0.5, 1.0] and among_equals.tolist() == [3, 2]
     assert ops.kth_smallest_magnitude(chunks, 4).tolist() == [1.0, 3.0]  # the same routine, one k for every row
-    kappa, at_least = ops.kth_smallest_magnitude_count(torch.tensor([0.5, -2.0, 0.5, 0.5, 1.0]), 2, chunk=2)
-    assert float(kappa) == 0.5 and at_least == 5  # every |x| ≥ 0.5: n − k + (κ is 2nd of its 3 equals) = 5 − 2 + 2
+    kappa, greater, tied = ops.magnitude_cut(torch.tensor([0.5, -2.0, 0.5, 0.5, 1.0]), 4)
+    assert float(kappa) == 0.5 and (greater, tied) == (2, 3)  # keep 4: {2, 1} and two of the three 0.5s
 
 
 def test_task_vectors_new_tensors_or_in_place():
@@ -199,3 +199,16 @@ def test_truncated_svd_is_the_best_rank_r_approximation():
         ops.truncated_svd(matrix, rank=2, energy=0.5)
     with pytest.raises(MergelabError, match="2-D"):
         ops.truncated_svd(torch.ones(3), rank=1)
+
+
+@pytest.mark.parametrize("majority", [1.0, -1.0, 0.0])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_row_wise_disjoint_merge_equals_the_stacked_one_bit_for_bit(majority, mode):
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.round(torch.randn(5000, generator=generator) * 2) / 4 for _ in range(4)]  # exact zeros and cancellations
+    rows[1][:50] = -rows[0][:50]
+    stacked = torch.stack(rows)
+    expected = ops.disjoint_merge(stacked, ops.resolve_zero_signs(ops.elect_signs(stacked), majority), mode)
+    got = ops.disjoint_merge_rows(rows, majority, mode)
+    assert torch.equal(got, expected) and bool(((ops.row_sum(rows) == 0) & (stacked != 0).any(0)).any())
+    assert ops.sign_total_rows(rows) == ops.sign_total(ops.elect_signs(stacked))

@@ -1,7 +1,8 @@
 """The two TIES trim rules, pinned on hand-checked examples.
 
 * ``scope="per_tensor"``: mergekit 0.1.5 ``sparsify.magnitude`` keeps exactly max(1, int(density·n)) entries of
-  each tensor, the first ones of ``torch.argsort(|τ|, descending=True)`` (ties included).
+  each tensor; where ties straddle the cut, the lowest indices (``tie_break="index"``, a stable descending sort)
+  or the first ones of ``torch.argsort(|τ|, descending=True)`` (``tie_break="argsort"``, mergekit's own order).
 * ``scope="global"``: FusionBench ``topk_values_mask`` keeps |τ| ≥ κ, κ the (P − int(density·P))-th smallest
   |τ| over all merged tensors: ⌊density·P⌋ + 1 entries without ties, and every entry tied with κ.
 """
@@ -83,13 +84,30 @@ def test_top_magnitude_threshold_without_ties_at_the_cut():
     assert ops.top_magnitude_mask(values, 6).tolist() == [True] * 6
 
 
+def stable_order_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` entries of a stable descending sort of |x| (ties: lowest index first)."""
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    order = torch.sort(values.abs().reshape(-1), descending=True, stable=True).indices
+    mask[order[:count]] = True
+    return mask.reshape(values.shape)
+
+
 def test_ties_at_the_cut_keep_exactly_count_in_mergekits_argsort_order():
     values = torch.tensor([3.0, 1.0, -1.0, 1.0, 0.5, -1.0])  # four |1|s compete for 2 places
-    mask = ops.top_magnitude_mask(values, 3)
+    mask = ops.top_magnitude_mask(values, 3, tie_break="argsort")
     assert int(mask.sum()) == 3 and bool(mask[0]) and not bool(mask[4])
     assert torch.equal(mask, mergekit_mask(values, 0.5))
     expected = values * mergekit_mask(values, 0.5)
-    assert torch.equal(ops.keep_top_magnitudes_(values.clone(), 3), expected)
+    assert torch.equal(ops.keep_top_magnitudes_(values.clone(), 3, tie_break="argsort"), expected)
+
+
+def test_ties_at_the_cut_keep_the_lowest_indices_by_default():
+    values = torch.tensor([3.0, 1.0, -1.0, 1.0, 0.5, -1.0])  # four |1|s compete for 2 places: indices 1 and 2 win
+    assert ops.top_magnitude_mask(values, 3).tolist() == [True, True, True, False, False, False]
+    assert ops.keep_top_magnitudes_(values.clone(), 3).tolist() == [3.0, 1.0, -1.0, 0.0, 0.0, 0.0]
+    # the tied entries spread over chunks of 2: the quota carries over (one |1| left after the first chunk)
+    assert ops.keep_top_magnitudes_(values.clone(), 3, chunk=2).tolist() == [3.0, 1.0, -1.0, 0.0, 0.0, 0.0]
+    assert ops.keep_top_magnitudes_(values.clone(), 4, chunk=2).tolist() == [3.0, 1.0, -1.0, 1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 9, 31, 200, 4099])
@@ -101,8 +119,13 @@ def test_selection_equals_mergekit_on_heavily_tied_tensors(n, density):
     expected = mergekit_mask(values, density)
     count = ops.magnitude_keep_count(n, density)
     assert int(expected.sum()) == count
-    assert torch.equal(ops.top_magnitude_mask(values, count), expected)
-    assert torch.equal(ops.keep_top_magnitudes_(values.clone(), count, chunk=64), values * expected)
+    assert torch.equal(ops.top_magnitude_mask(values, count, tie_break="argsort"), expected)
+    assert torch.equal(ops.keep_top_magnitudes_(values.clone(), count, chunk=64, tie_break="argsort"),
+                       values * expected)  # fmt: skip
+    stable = stable_order_mask(values, count)  # the default rule: a stable sort's order, same count and magnitudes
+    assert torch.equal(ops.top_magnitude_mask(values, count), stable)
+    assert torch.equal(ops.keep_top_magnitudes_(values.clone(), count, chunk=64), values * stable)
+    assert sorted(values[stable].abs().tolist()) == sorted(values[expected].abs().tolist())
 
 
 def test_selection_of_a_non_contiguous_tensor_is_in_place():
@@ -112,15 +135,16 @@ def test_selection_of_a_non_contiguous_tensor_is_in_place():
     assert int((values != 0).sum()) == 2 and sorted(values[values != 0].tolist()) == [10.0, 11.0]
 
 
-def test_kth_smallest_magnitude_count_counts_every_entry_not_below_kappa():
+def test_magnitude_cut_counts_the_entries_above_and_tied_with_kappa():
     generator = torch.Generator().manual_seed(0)
     values = torch.round(torch.randn(3000, generator=generator) * 5) / 8
     values[:5] = -0.0
     magnitudes = values.abs()
-    for k in [1, 2, 17, 1500, 2999, 3000]:
-        kappa, at_least = ops.kth_smallest_magnitude_count(values, k, chunk=256)
-        assert kappa == magnitudes.kthvalue(k).values
-        assert at_least == int((magnitudes >= kappa).sum())
+    for count in [1, 2, 17, 1500, 2999]:
+        kappa, greater, tied = ops.magnitude_cut(values, count)
+        assert kappa == magnitudes.kthvalue(3000 - count + 1).values
+        assert greater == int((magnitudes > kappa).sum()) and tied == int((magnitudes == kappa).sum())
+        assert greater < count <= greater + tied
 
 
 # ------------------------------------------------------------------------------------------ through Ties
@@ -163,3 +187,26 @@ def test_zero_sign_sums_go_to_plus_per_tensor_and_to_the_majority_globally():
     assert per_tensor.tolist() == [0.5, -2.0, -2.0, -2.0]  # mergekit: γ = + where Σ ≥ 0
     global_ = drive(Ties(TiesParams(density=1.0, scope="global", scale=1.0), 2), base, models)["w"]
     assert global_.tolist() == [-0.5, -2.0, -2.0, -2.0]  # FusionBench: γ = 0 → majority sign (−)
+
+
+@pytest.mark.parametrize("scale", [0.3, [1.0, -0.5, 2.0]])
+@pytest.mark.parametrize("disjoint", ["sum", "mean"])
+def test_global_sign_statistics_carried_by_pass_one_equal_the_third_pass(monkeypatch, scale, disjoint):
+    import mergelab.merging.methods.ties as ties_module
+
+    generator = torch.Generator().manual_seed(11)
+    base = {n: torch.round(torch.randn(s, generator=generator) * 8) / 8 for n, s in [("a", (40, 30)), ("b", (77,))]}
+    models = [{n: t + torch.round(torch.randn(t.shape, generator=generator) * 4) / 8 for n, t in base.items()}
+              for _ in range(3)]  # fmt: skip  (a 1/8 grid: many |τ| tie with κ and many sums cancel exactly)
+    params = TiesParams(density=0.3, scope="global", disjoint=disjoint, scale=scale)
+    fused = Ties(params, 3)
+    got = drive(fused, base, models)
+    assert fused._fused and not fused.pass_needed(2)
+    taus = torch.stack([torch.cat([(m[n] - base[n]).reshape(-1) for n in base]) for m in models])
+    assert bool((taus.abs() == fused.thresholds.unsqueeze(1)).any(1).all())  # every row has entries in its κ bin
+    monkeypatch.setattr(ties_module, "DEFER_BYTES", 0)  # nothing may be deferred: the third pass runs
+    three = Ties(params, 3)
+    expected = drive(three, base, models)
+    assert not three._fused and three.pass_needed(2)
+    assert three._majority == fused._majority and three._sign_total == fused._sign_total
+    assert all(torch.equal(got[n], expected[n]) for n in base)

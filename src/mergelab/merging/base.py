@@ -36,6 +36,11 @@ class MergeMethod(Method, ABC):
         """How many statistics passes over all tensors the method needs before merging (default 0)."""
         return 0
 
+    def pass_needed(self, pass_index: int) -> bool:
+        """Whether statistics pass ``pass_index`` still has to run, asked once the earlier passes have ended (a
+        method may find a later pass unnecessary; the engine then neither reads nor observes it). Default True."""
+        return True
+
     def observe(self, pass_index: int, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> None:
         """Accumulate whole-model statistics from one tensor during statistics pass ``pass_index``."""
 

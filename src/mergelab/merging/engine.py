@@ -5,7 +5,8 @@ the method, casts the result to the output dtype and yields it. A reader thread 
 ``prefetch`` tensors queued plus one being read (``api.merge_streaming`` adds a writer thread holding one output
 queued plus one being written). Peak memory is about (T + 2) × the largest tensor inline, plus prefetch + 1 read
 ahead and 2 being written: independent of the number of tensors in the model. Methods with whole-model statistics
-first stream all selected tensors through ``observe`` once per statistics pass.
+first stream all selected tensors through ``observe`` once per statistics pass (inputs are checked for NaN/Inf
+the first time they are read; a pass the method no longer needs, ``pass_needed``, is neither read nor observed).
 """
 
 from __future__ import annotations
@@ -116,25 +117,30 @@ class _Load:
     reader: CheckpointReader
     name: str
     dtype: torch.dtype | None = None  # None: float32 merge input; else an unmerged tensor in its output dtype
+    check: bool = True  # check for NaN/Inf (a merge input is checked the first time it is read, not at every pass)
+    pass_index: int | None = None  # the statistics pass it is read for (None: the merging pass)
 
 
 def _schedule(method: MergeMethod, plan: MergePlan) -> Iterator[tuple[int | None, str, list[_Load]]]:
     """(pass index or None for the merging pass, tensor name, its loads) in engine order, statistics passes first."""
     inputs = ([plan.base] if (plan.base is not None and method.spec.needs_base) else []) + list(plan.models)
-    for pass_index in range(method.num_stat_passes()):
+    passes = method.num_stat_passes()
+    for pass_index in range(passes):
         for name in plan.merged_names:
-            yield pass_index, name, [_Load(r, name) for r in inputs]
+            yield pass_index, name, [_Load(r, name, check=pass_index == 0, pass_index=pass_index) for r in inputs]
     for spec in plan.output:
         merged = spec.name in plan.merged
-        yield None, spec.name, [_Load(r, spec.name) for r in inputs] if merged else [
+        yield None, spec.name, [_Load(r, spec.name, check=passes == 0) for r in inputs] if merged else [
             _Load(plan.reference, spec.name, spec.dtype)
         ]
 
 
-def _loader(allow_nonfinite: bool, device: torch.device) -> Callable[[_Load], torch.Tensor]:
-    def load(item: _Load) -> torch.Tensor:
+def _loader(method: MergeMethod, allow_nonfinite: bool, device: torch.device) -> Callable[[_Load], torch.Tensor | None]:
+    def load(item: _Load) -> torch.Tensor | None:
+        if item.pass_index is not None and not method.pass_needed(item.pass_index):
+            return None  # a pass the method found unnecessary: not read
         if item.dtype is None:
-            return _load_float(item.reader, item.name, allow_nonfinite, device)
+            return _load_float(item.reader, item.name, allow_nonfinite or not item.check, device)
         return item.reader.get(item.name).to(item.dtype)
 
     return load
@@ -175,12 +181,13 @@ def stream_merge(
     total = len(names) * passes + len(plan.output)
     specs = {s.name: s for s in plan.output}
     schedule = list(_schedule(method, plan))
-    groups = prefetched([loads for _, _, loads in schedule], _loader(allow_nonfinite, device), prefetch)
+    groups = prefetched([loads for _, _, loads in schedule], _loader(method, allow_nonfinite, device), prefetch)
     try:
         for done, (pass_index, name, _) in enumerate(schedule, start=1):
             loaded = next(groups)  # not zip(): its reused result tuple would keep the previous inputs alive
             if pass_index is not None:
-                method.observe(pass_index, name, *_split(loaded, with_base))
+                if method.pass_needed(pass_index):  # False only ever after True: the reader skipped no needed load
+                    method.observe(pass_index, name, *_split(loaded, with_base))
                 del loaded
                 if progress:
                     progress(f"statistics pass {pass_index + 1}/{passes}", done, total)

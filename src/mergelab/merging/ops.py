@@ -6,7 +6,7 @@
   vectors (AdaMerging++, TALL masks over TIES).
 * TALL masks and the consensus mask (Consensus merging, ``tall_consensus``, TALL-mask reconstructions).
 * One exact k-th smallest |x| routine family over float32 magnitudes (two radix passes over the bit patterns):
-  ``radix_select`` and the two views of it, ``kth_smallest_magnitude`` (per row) and ``kth_smallest_magnitude_count``.
+  ``radix_select`` and the two views of it, ``kth_smallest_magnitude`` (per row) and ``magnitude_cut`` (one tensor).
 * DARE: a drop mask that is a deterministic function of (seed, model index, tensor name).
 * CART: truncated SVD with a rank from a ratio of min(m, n) or from an energy (σ²) share.
 
@@ -19,6 +19,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,6 +28,7 @@ from mergelab.core.errors import ConfigError, MergelabError
 
 RADIX_BITS = 16
 RADIX_BINS = 1 << RADIX_BITS
+RADIX_CHUNK = 1 << 22  # entries per radix-histogram chunk of one tensor
 _LOW_MASK = RADIX_BINS - 1
 
 
@@ -80,12 +82,27 @@ def magnitude_keep_count(num_entries: int, density: float) -> int:
     return max(1, int(density * num_entries))
 
 
+TieBreak = Literal["index", "argsort"]
+
+
+def magnitude_cut(values: torch.Tensor, count: int) -> tuple[torch.Tensor, int, int]:
+    """(κ, greater, tied) for keeping ``count`` entries of largest |x| of a float32 tensor (0 < count < n): κ is the
+    ``count``-th largest |x|, ``greater`` the entries with |x| > κ and ``tied`` those with |x| = κ, all from one
+    O(n) radix selection (two passes). The cut straddles ties when greater + tied > count."""
+    flat = values.reshape(-1)
+    n, k = flat.numel(), flat.numel() - count + 1  # κ is the k-th smallest |x|
+    pieces = [flat[i : i + RADIX_CHUNK].unsqueeze(0) for i in range(0, n, RADIX_CHUNK)]
+    kappa, rank_among_equals, tied = _radix_select_counts(pieces, torch.tensor([k], device=values.device))
+    less = k - int(rank_among_equals[0])
+    return kappa[0], n - less - int(tied[0]), int(tied[0])
+
+
 def top_magnitude_threshold(values: torch.Tensor, count: int) -> torch.Tensor | None:
     """κ such that exactly ``count`` entries of the float32 tensor ``values`` have |x| not below κ, found in O(n)
     by radix selection; None when entries tied with the ``count``-th largest |x| straddle the cut, so that no
     threshold keeps exactly ``count``. Needs 0 < count < n."""
-    kappa, at_least = kth_smallest_magnitude_count(values, values.numel() - count + 1)
-    return kappa if at_least == count else None
+    kappa, greater, tied = magnitude_cut(values, count)
+    return kappa if greater + tied == count else None
 
 
 def top_magnitude_order_mask(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -93,7 +110,7 @@ def top_magnitude_order_mask(values: torch.Tensor, count: int) -> torch.Tensor:
 
     This is mergekit's own selection and its tie-break: CPU argsort is unstable (introsort), so among equal |x|
     the kept ones are neither the lowest nor the highest indices and only this call reproduces them. O(n log n):
-    used only when ties straddle the cut.
+    used only for ``tie_break="argsort"`` where ties straddle the cut.
     """
     flat = values.reshape(-1).cpu()  # the CPU sort's tie order, wherever the tensor lives
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -101,43 +118,126 @@ def top_magnitude_order_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     return keep.reshape(values.shape).to(values.device)
 
 
-def top_magnitude_mask(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Bool mask of exactly ``count`` entries of largest |x| (mergekit's per-tensor selection, ties included)."""
+def first_ties_mask(magnitudes: torch.Tensor, kappa: torch.Tensor, quota: int) -> tuple[torch.Tensor, int]:
+    """(keep, tied): keep |x| > κ and the first ``quota`` entries (index order) with |x| = κ, on a 1-D tensor of
+    magnitudes; ``tied`` is how many entries equal κ here (the caller carries the quota over chunks)."""
+    equal = magnitudes == kappa
+    ranks = equal.cumsum(0)
+    tied = int(ranks[-1]) if ranks.numel() else 0
+    return (magnitudes > kappa) | (equal & (ranks <= quota)), tied
+
+
+def top_magnitude_mask(values: torch.Tensor, count: int, tie_break: TieBreak = "index") -> torch.Tensor:
+    """Bool mask of exactly ``count`` entries of largest |x| (the per-tensor TIES selection). Entries tied with the
+    smallest kept |x| that straddle the cut are kept in index order (``"index"``: the order of a stable descending
+    sort, O(n)) or in the order of ``torch.argsort(|x|, descending=True)`` (``"argsort"``: mergekit's, O(n log n))."""
     n = values.numel()
     if count <= 0 or count >= n:
-        return torch.full(values.shape, count >= n, dtype=torch.bool)
-    kappa = top_magnitude_threshold(values, count)
-    if kappa is None:
+        return torch.full(values.shape, count >= n, dtype=torch.bool, device=values.device)
+    kappa, greater, tied = magnitude_cut(values, count)
+    if greater + tied == count:
+        return ~(values.abs() < kappa)
+    if tie_break == "argsort":
         return top_magnitude_order_mask(values, count)
-    return ~(values.abs() < kappa)
+    return first_ties_mask(values.reshape(-1).abs(), kappa, count - greater)[0].reshape(values.shape)
 
 
-def keep_top_magnitudes_(values: torch.Tensor, count: int, chunk: int = 1 << 22) -> torch.Tensor:
-    """In place: zero every entry of ``values`` outside :func:`top_magnitude_mask` (``count`` entries stay).
+@dataclass
+class MagnitudeCut:
+    """Which entries of one flat tensor a TIES trim keeps, applied chunk by chunk in index order: |x| > κ, and of the
+    entries with |x| = κ the first ``quota`` (``tied`` of them lie ahead). ``quota ≥ tied`` keeps every tie: a plain
+    threshold, as the global scope (|x| ≥ κ); ``keep_none`` drops everything (density 0)."""
 
-    Without straddling ties this is one O(n) selection plus a chunked pass, with temporaries of one chunk.
-    """
-    n = values.numel()
-    if count >= n:
-        return values
-    if count <= 0:
-        return values.zero_()
+    kappa: torch.Tensor
+    quota: int = sys.maxsize
+    tied: int = 0
+    keep_none: bool = False
+
+    @classmethod
+    def top(cls, values: torch.Tensor, count: int) -> MagnitudeCut:
+        """Exactly ``count`` entries of largest |x| of a float32 tensor, ties at the cut kept in index order."""
+        n = values.numel()
+        if count <= 0 or n == 0:
+            return cls(torch.zeros(()), keep_none=True)
+        if count >= n:
+            return cls(torch.zeros(()))
+        kappa, greater, tied = magnitude_cut(values, count)
+        return cls(kappa, count - greater, tied)
+
+    def trim_(self, piece: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, the entries of the next chunk ``piece`` (1-D, in index order) that the cut drops."""
+        if self.keep_none:
+            return piece.zero_()
+        magnitudes = piece.abs()
+        if self.quota >= self.tied:  # every tie ahead fits
+            return piece.masked_fill_(magnitudes < self.kappa, 0.0)
+        if self.quota == 0:  # no tie fits any more
+            return piece.masked_fill_(magnitudes <= self.kappa, 0.0)
+        piece.masked_fill_(magnitudes < self.kappa, 0.0)
+        tied_at = (magnitudes == self.kappa).nonzero().squeeze(1)  # ascending indices
+        piece[tied_at[self.quota :]] = 0.0
+        self.quota, self.tied = max(self.quota - tied_at.numel(), 0), self.tied - tied_at.numel()
+        return piece
+
+
+def top_cut(flat: torch.Tensor, count: int, tie_break: TieBreak = "index") -> MagnitudeCut:
+    """The per-tensor trim of a flat float32 tensor: its exact top-``count`` cut (:meth:`MagnitudeCut.top`). With
+    ``tie_break="argsort"`` and ties straddling the cut, mergekit's argsort selection is applied here, in place, and
+    the returned cut keeps everything."""
+    cut = MagnitudeCut.top(flat, count)
+    if tie_break == "argsort" and not cut.keep_none and cut.quota < cut.tied:
+        flat.masked_fill_(~top_magnitude_order_mask(flat, count), 0.0)
+        return MagnitudeCut(torch.zeros(()))
+    return cut
+
+
+def keep_top_magnitudes_(values: torch.Tensor, count: int, chunk: int = 1 << 22,
+                         tie_break: TieBreak = "index") -> torch.Tensor:  # fmt: skip
+    """In place: zero every entry of ``values`` outside :func:`top_magnitude_mask` (``count`` entries stay): one
+    O(n) selection plus a chunked pass with temporaries of one chunk (``"argsort"`` sorts where ties straddle)."""
     if not values.is_contiguous():
-        return values.masked_fill_(~top_magnitude_mask(values, count), 0.0)
-    kappa = top_magnitude_threshold(values, count)
+        return values.masked_fill_(~top_magnitude_mask(values, count, tie_break), 0.0)
     flat = values.view(-1)
-    if kappa is None:
-        return flat.masked_fill_(~top_magnitude_order_mask(flat, count), 0.0).view_as(values)
-    for start in range(0, n, chunk):
-        piece = flat[start : start + chunk]
-        piece.masked_fill_(piece.abs() < kappa, 0.0)
+    cut = top_cut(flat, count, tie_break)
+    for start in range(0, flat.numel(), chunk):
+        cut.trim_(flat[start : start + chunk])
     return values
+
+
+def row_sum(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_t rows[t] in row order (the order of ``torch.stack(rows).sum(0)``), as a new tensor."""
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total += row
+    return total
+
+
+def disjoint_merge_rows(rows: Sequence[torch.Tensor], majority: float, mode: Literal["sum", "mean"]) -> torch.Tensor:
+    """:func:`disjoint_merge` of the trimmed ``rows`` with γ = sign(Σ_t rows) and zero signs set to ``majority``,
+    without stacking: Σ of the positive entries where γ > 0, of the negative ones where γ < 0 (each in row order,
+    so the values equal the stacked computation's), 0 where γ = 0; "mean" divides by the count, at least 1."""
+    positive = [row.clamp(min=0) for row in rows]
+    pos, neg = row_sum(positive), row_sum([row - p for row, p in zip(rows, positive, strict=True)])
+    if mode == "mean":
+        pos /= row_sum([(row > 0).to(pos.dtype) for row in rows]).clamp_(min=1)
+        neg /= row_sum([(row < 0).to(neg.dtype) for row in rows]).clamp_(min=1)
+    total = row_sum(rows)
+    if majority > 0:
+        return torch.where(total >= 0, pos, neg)
+    if majority < 0:
+        return torch.where(total > 0, pos, neg)
+    return torch.where(total > 0, pos, neg.masked_fill_(total == 0, 0.0))
+
+
+def sign_total_rows(rows: Sequence[torch.Tensor]) -> int:
+    """Σ_p sign(Σ_t rows[t])_p as an exact integer (the majority sign's statistic), without stacking."""
+    total = row_sum(rows)
+    return int((total > 0).sum()) - int((total < 0).sum())
 
 
 def trim(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Zero every entry of row t whose magnitude is below κ_t (entries equal to κ_t are kept)."""
-    keep = stacked.abs() >= _rows(thresholds.to(stacked.dtype), stacked)
-    return torch.where(keep, stacked, torch.zeros((), dtype=stacked.dtype))
+    return stacked.masked_fill(stacked.abs() < _rows(thresholds.to(stacked.dtype), stacked), 0.0)
 
 
 def scale_rows(stacked: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
@@ -291,14 +391,9 @@ def bits_to_float(high_bins: torch.Tensor, low_bins: torch.Tensor) -> torch.Tens
     return bits.to(torch.int32).view(torch.float32)
 
 
-def radix_select(chunks: Sequence[torch.Tensor], ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row t: the exact ``ranks[t]``-th smallest |x| (1-indexed) over the concatenation of ``chunks`` (each
-    ``[T, ...]``), and its rank among the entries equal to it.
-
-    Two streaming passes over the chunks: high 16 bits, then low 16 bits inside the selected high bin. Memory is
-    two ``[T, 65536]`` histograms besides the current chunk. (TIES' global scope runs the same two passes as engine
-    statistics passes, with the same ``radix_histogram`` / ``locate_rank`` / ``bits_to_float`` steps.)
-    """
+def _radix_select_counts(chunks: Sequence[torch.Tensor], ranks: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`radix_select` plus, per row, how many entries equal the selected value (its low-histogram bin)."""
     rows, device = chunks[0].shape[0], chunks[0].device
     high_hist = torch.zeros(rows, RADIX_BINS, dtype=torch.int64, device=device)
     for chunk in chunks:
@@ -308,22 +403,64 @@ def radix_select(chunks: Sequence[torch.Tensor], ranks: torch.Tensor) -> tuple[t
     for chunk in chunks:
         low_hist += radix_histogram(chunk, high_bins)
     low_bins, rank_among_equals = locate_rank(low_hist, within)
-    return bits_to_float(high_bins, low_bins), rank_among_equals
+    equal = low_hist.gather(1, low_bins.unsqueeze(1)).squeeze(1)
+    return bits_to_float(high_bins, low_bins), rank_among_equals, equal
+
+
+def bin_bounds(high_bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, [lo_t, hi_t): the float32 magnitudes whose high 16 bits equal ``high_bins[t]``."""
+    zeros = torch.zeros_like(high_bins)
+    return bits_to_float(high_bins, zeros), bits_to_float(high_bins + 1, zeros)
+
+
+@dataclass
+class BinSplit:
+    """One chunk of TIES' fused low-bits + sign pass: the low-16-bit histogram ``[T, 65536]`` of each row's entries
+    in its threshold's high bin, Σ_p sign(Σ_t τ̂_t) over the positions where no row has an entry in that bin (their
+    trim is already certain), and the ``[T, m]`` τ values at the m positions where one has (decided later)."""
+
+    low_hist: torch.Tensor
+    sign_total: int
+    deferred: torch.Tensor
+
+
+def split_at_bins(rows: Sequence[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor,
+                  scales: Sequence[float] | None) -> BinSplit:  # fmt: skip
+    """:class:`BinSplit` of one chunk of the T float32 rows, given each row's threshold bin [lo_t, hi_t): entries
+    at or above hi_t are kept whatever κ_t turns out to be, entries below lo_t dropped. ``scales``: λ_t applied to
+    the trimmed rows before the election (None: one λ, factored out)."""
+    hists, in_bins, trimmed = [], [], []
+    for t, row in enumerate(rows):
+        magnitudes = row.abs()
+        in_bin = (magnitudes >= lo[t]) & (magnitudes < hi[t])
+        hists.append(torch.bincount(row[in_bin].view(torch.int32) & _LOW_MASK, minlength=RADIX_BINS))
+        kept = row.masked_fill(magnitudes < hi[t], 0.0)
+        trimmed.append(kept if scales is None else kept.mul_(scales[t]))
+        in_bins.append(in_bin)
+    touched = in_bins[0]
+    for in_bin in in_bins[1:]:
+        touched = touched | in_bin
+    total = row_sum(trimmed).masked_fill_(touched, 0.0)
+    sign_total = int((total > 0).sum()) - int((total < 0).sum())
+    return BinSplit(torch.stack(hists), sign_total, torch.stack([row[touched] for row in rows]))
+
+
+def radix_select(chunks: Sequence[torch.Tensor], ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row t: the exact ``ranks[t]``-th smallest |x| (1-indexed) over the concatenation of ``chunks`` (each
+    ``[T, ...]``), and its rank among the entries equal to it.
+
+    Two streaming passes over the chunks: high 16 bits, then low 16 bits inside the selected high bin. Memory is
+    two ``[T, 65536]`` histograms besides the current chunk. (TIES' global scope runs the same two passes as engine
+    statistics passes, with the same ``radix_histogram`` / ``locate_rank`` / ``bits_to_float`` steps.)
+    """
+    values, rank_among_equals, _ = _radix_select_counts(chunks, ranks)
+    return values, rank_among_equals
 
 
 def kth_smallest_magnitude(chunks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     """Exact k-th smallest |x| (1-indexed) per row over the concatenation of ``chunks`` (each ``[T, ...]``)."""
     rows = chunks[0].shape[0]
     return radix_select(chunks, torch.full((rows,), k, dtype=torch.int64))[0]
-
-
-def kth_smallest_magnitude_count(values: torch.Tensor, k: int, chunk: int = 1 << 22) -> tuple[torch.Tensor, int]:
-    """(κ, m): the exact k-th smallest |x| (1-indexed) of one float32 tensor and the number m of entries whose
-    |x| is not below κ, both from the same two radix passes (m = n − k + the rank of κ among its equals)."""
-    flat = values.reshape(-1)
-    pieces = [flat[i : i + chunk].unsqueeze(0) for i in range(0, flat.numel(), chunk)]
-    kappa, rank_among_equals = radix_select(pieces, torch.tensor([k], device=values.device))
-    return kappa[0], flat.numel() - k + int(rank_among_equals[0])
 
 
 # ---------------------------------------------------------------------------------------------------- DARE

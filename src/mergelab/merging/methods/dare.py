@@ -85,6 +85,9 @@ class Dare(MergeMethod):
     def num_stat_passes(self) -> int:
         return self.inner.num_stat_passes()
 
+    def pass_needed(self, pass_index: int) -> bool:
+        return self.inner.pass_needed(pass_index)
+
     def dropped_task_vectors(self, name: str, base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """τ̃_t for one tensor: a deterministic function of (seed, t, name) and the inputs."""
         taus = task_vectors(base, models, in_place=True)

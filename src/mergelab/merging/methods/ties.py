@@ -8,24 +8,26 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
 from mergelab.merging.ops import (
+    MagnitudeCut,
+    TieBreak,
+    bin_bounds,
     bits_to_float,
-    disjoint_merge,
-    elect_signs,
-    keep_top_magnitudes_,
+    disjoint_merge_rows,
     locate_rank,
     magnitude_keep_count,
     majority_sign,
     radix_histogram,
     require_base,
-    resolve_zero_signs,
     scale_rows,
-    sign_total,
+    sign_total_rows,
+    split_at_bins,
     task_vectors,
+    top_cut,
     trim,
     trim_rank,
 )
@@ -38,18 +40,20 @@ _HIGH_PASS, _LOW_PASS, _SIGN_PASS = 0, 1, 2
 
 
 PARALLEL_MIN = 1 << 20  # entries per tensor from which the T per-tensor selections run in parallel threads
+DEFER_BYTES = 1 << 28  # τ values global TIES may hold between passes 1 and its end (else a third pass runs)
+MERGE_CHUNK = 1 << 20  # entries per chunk of the fused trim-elect-merge loop (4 MB of float32: stays in cache)
 
 
-def keep_top_each_(flats: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
-    """:func:`keep_top_magnitudes_` on every τ_t, in parallel threads for large tensors (the selections, and the
-    single-threaded CPU argsort used where ties straddle the cut, release the GIL); errors propagate.
+def per_tensor_cuts(flats: Sequence[torch.Tensor], count: int, tie_break: TieBreak) -> list[MagnitudeCut]:
+    """:func:`~mergelab.merging.ops.top_cut` of every τ_t, in parallel threads for large tensors (the radix passes, and the CPU
+    argsort of ``tie_break="argsort"``, release the GIL); errors propagate.
 
-    Measured at 3.2 GB (base + 3, 2 cores, ties straddling the cut in many tensors): 156 s and 4.36 GB peak RSS in
-    threads against 231 s and 2.94 GB one τ_t at a time; each running argsort holds an int64 index per entry."""
+    Measured with ``"argsort"`` at 3.2 GB (base + 3, 2 cores, ties straddling the cut in many tensors): 156 s and
+    4.36 GB peak RSS in threads against 231 s and 2.94 GB one τ_t at a time (an int64 index per entry per sort)."""
     if len(flats) < 2 or flats[0].numel() < PARALLEL_MIN:
-        return [keep_top_magnitudes_(f, count) for f in flats]
+        return [top_cut(f, count, tie_break) for f in flats]
     with ThreadPoolExecutor(max_workers=min(len(flats), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda f: keep_top_magnitudes_(f, count), flats))
+        return list(pool.map(lambda f: top_cut(f, count, tie_break), flats))
 
 
 class TiesParams(MethodParams):
@@ -63,6 +67,18 @@ class TiesParams(MethodParams):
         "sum", description="sum or mean of the sign-agreeing entries ('mean' needs λ≈1, 'sum' λ≈0.3)"
     )
     scale: float | list[float] = Field(0.3, description="λ: one value or one per model, applied before the election")
+    tie_break: TieBreak = Field(
+        "index", description="per_tensor: which of the entries tied with the smallest kept |τ| are kept where they "
+        "straddle the cut: 'index' (lowest index first, O(n)) or 'argsort' (mergekit's torch.argsort order, bit for "
+        "bit, O(n log n)); global keeps every tie"
+    )
+
+    @model_validator(mode="after")
+    def _tie_break_per_tensor(self) -> TiesParams:
+        if self.tie_break != "index" and self.scope == "global":
+            raise ValueError("tie_break applies to scope='per_tensor' (the global scope keeps every entry tied with "
+                             "κ); drop tie_break or set scope: per_tensor")  # fmt: skip
+        return self
 
 
 class Ties(MergeMethod):
@@ -84,14 +100,17 @@ class Ties(MergeMethod):
 
     ``scope="per_tensor"`` is mergekit 0.1.5's ``ties`` (``merge_methods/generalized_task_arithmetic.py``
     ``merge_group`` with ``sparsify.magnitude`` and ``get_mask(method="sum")``), bit for bit with
-    ``normalize: false`` / ``disjoint="sum"`` and ``weight`` λ_t:
+    ``normalize: false`` / ``disjoint="sum"`` and ``weight`` λ_t (with ``tie_break="argsort"``):
 
     * Trim: each tensor of each τ_t keeps exactly max(1, int(density·n)) entries of largest |τ| (all for
-      density 1, none for density 0). The selection is an O(n) radix select. Where entries tied with the
-      smallest kept |τ| straddle the cut, the kept ones are those ``torch.argsort(|τ|, descending=True)``
-      puts first, as mergekit: CPU argsort is unstable and no index rule reproduces it, so that tensor is sorted
-      (mergekit's own cost). Such ties are rare in small float32 tensors but common in large ones (τ is a
-      difference of floats, a multiple of ulp(θ₀)) and in bf16 checkpoints.
+      density 1, none for density 0), by an O(n) radix select. Where entries tied with the smallest kept |τ|
+      straddle the cut (rare in small float32 tensors, common in large ones: τ is a difference of floats, a
+      multiple of ulp(θ₀); and in bf16 checkpoints), ``tie_break`` names which are kept: ``"index"`` (default)
+      the lowest indices, as a stable descending sort, in O(n); ``"argsort"`` the ones
+      ``torch.argsort(|τ|, descending=True)`` puts first, as mergekit (CPU argsort is unstable and no index rule
+      reproduces it, so that tensor is sorted: mergekit's own O(n log n) cost). The two differ only in which
+      equal-magnitude entries are kept, never in how many or in their magnitude; ``"argsort"`` is mergekit bit
+      for bit.
     * Elect: τ̂_t is multiplied by λ_t first (mergekit's per-model ``weight``), then γ = +1 where
       Σ_t λ_t τ̂_t ≥ 0 and −1 elsewhere (zero sums go to +, not to a majority).
 
@@ -119,9 +138,15 @@ class Ties(MergeMethod):
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0
         self._majority: float | None = None
+        self._fused = False  # the sign statistics ride on pass 1 (decided when pass 0 ends)
+        self._deferred: list[torch.Tensor] = []
 
     def num_stat_passes(self) -> int:
         return 3 if self.params.scope == "global" else 0
+
+    def pass_needed(self, pass_index: int) -> bool:
+        """The separate sign pass runs only where pass 1 could not carry it (see :meth:`end_pass`)."""
+        return not (pass_index == _SIGN_PASS and self._fused)
 
     # -- engine interface -------------------------------------------------------------------------------------
 
@@ -144,15 +169,32 @@ class Ties(MergeMethod):
             self._num_entries += flats[0].numel()
             hist = sum(radix_histogram([f[s] for f in flats]) for s in slices)
             self._high_hist = hist if self._high_hist is None else self._high_hist + hist
+        elif pass_index == _LOW_PASS and self._fused:
+            self._observe_low_and_signs(flats)
         elif pass_index == _LOW_PASS:
-            if self._high_bins is not None:  # None: every entry is kept, no threshold to refine
+            if self._high_bins is not None:
                 hist = sum(radix_histogram([f[s] for f in flats], self._high_bins) for s in slices)
                 self._low_hist = hist if self._low_hist is None else self._low_hist + hist
-        elif pass_index == _SIGN_PASS:
-            thresholds = self._global_thresholds()
-            for s in slices:
-                trimmed = self._trimmed(torch.stack([f[s] for f in flats]), thresholds)
-                self._sign_total += sign_total(elect_signs(trimmed))
+        elif pass_index == _SIGN_PASS and not self._fused:
+            self._observe_signs(flats)
+
+    def _observe_signs(self, flats: Sequence[torch.Tensor]) -> None:
+        cuts = self._global_cuts()
+        for s in chunk_slices(flats[0].numel(), MERGE_CHUNK):
+            self._sign_total += sign_total_rows(self._trimmed_rows(flats, cuts, s))
+
+    def _observe_low_and_signs(self, flats: Sequence[torch.Tensor]) -> None:
+        """Pass 1 carrying the sign statistics: exact where the trim is already certain, deferred elsewhere."""
+        if self._high_bins is None:  # every entry kept: κ = 0 is known, the signs are exact now
+            self._observe_signs(flats)
+            return
+        lo, hi = bin_bounds(self._high_bins)
+        for s in chunk_slices(flats[0].numel(), MERGE_CHUNK):
+            split = split_at_bins([f[s] for f in flats], lo, hi, self._row_scales)
+            self._low_hist = split.low_hist if self._low_hist is None else self._low_hist + split.low_hist
+            self._sign_total += split.sign_total
+            if split.deferred.shape[1]:
+                self._deferred.append(split.deferred)
 
     def end_pass(self, pass_index: int) -> None:
         if self.params.scope != "global":
@@ -164,6 +206,7 @@ class Ties(MergeMethod):
             else:
                 ranks = torch.full((self.num_models,), k, dtype=torch.int64)
                 self._high_bins, self._low_ranks = locate_rank(self._high_hist, ranks)
+            self._fused = self._deferral_fits()
             self._high_hist = None
         elif pass_index == _LOW_PASS:
             if self._thresholds is None:
@@ -172,32 +215,46 @@ class Ties(MergeMethod):
                 low_bins, _ = locate_rank(self._low_hist, self._low_ranks)
                 self._thresholds = bits_to_float(self._high_bins, low_bins)
             self._low_hist = None
-        elif pass_index == _SIGN_PASS:
+            if self._fused:
+                self._settle_deferred()
+        elif pass_index == _SIGN_PASS and not self._fused:
             self._majority = majority_sign(self._sign_total)
 
+    def _deferral_fits(self) -> bool:
+        """Whether pass 1 can carry the sign statistics: the τ values it must hold until κ is known (at most every
+        entry in a threshold's high bin, T values each) fit in ``DEFER_BYTES``; else a third pass runs."""
+        if self._high_bins is None:
+            return True
+        in_bins = int(self._high_hist.gather(1, self._high_bins.unsqueeze(1)).sum())  # type: ignore[union-attr]
+        return in_bins * self.num_models * 4 <= DEFER_BYTES
+
+    def _settle_deferred(self) -> None:
+        """The sign statistics of the deferred positions, now that κ is exact; then the majority sign."""
+        thresholds = self._global_thresholds()
+        for values in self._deferred:
+            trimmed = trim(values, thresholds)
+            self._sign_total += sign_total_rows(list(trimmed if self._row_scales is None
+                                                     else scale_rows(trimmed, self._row_scales)))  # fmt: skip
+        self._deferred = []
+        self._majority = majority_sign(self._sign_total)
+
     def merge_task_vectors(self, name: str, taus: Sequence[torch.Tensor]) -> torch.Tensor:
-        """τ_m for one tensor (already scaled by λ), computed chunk by chunk to keep temporaries small."""
+        """τ_m for one tensor (already scaled by λ): trim, elect and merge fused chunk by chunk (cache-sized chunks,
+        no stacked copies), in place on the method's own τ_t."""
         flats = [t.reshape(-1) for t in taus]
         numel = flats[0].numel()
-        slices = chunk_slices(numel)
         if self.params.scope == "global":
             if self._majority is None:
                 raise MergelabError(
                     "TIES with scope='global' needs its 3 statistics passes over every tensor before merging"
                 )
-            thresholds = self._global_thresholds()
-            majority = self._majority
+            cuts, majority = self._global_cuts(), self._majority
         else:
             count = magnitude_keep_count(numel, self.params.density)
-            flats = keep_top_each_(flats, count)  # in place: the method owns its τ_t
-            thresholds = None  # already trimmed
-            majority = 1.0  # mergekit: γ = +1 where Σ_t λ_t τ̂_t ≥ 0
+            cuts, majority = per_tensor_cuts(flats, count, self.params.tie_break), 1.0  # mergekit: γ = + where Σ ≥ 0
         merged = torch.empty(numel, dtype=flats[0].dtype)
-        for s in slices:
-            trimmed = self._trimmed(torch.stack([f[s] for f in flats]), thresholds)
-            merged[s] = disjoint_merge(
-                trimmed, resolve_zero_signs(elect_signs(trimmed), majority), self.params.disjoint
-            )
+        for s in chunk_slices(numel, MERGE_CHUNK):
+            merged[s] = disjoint_merge_rows(self._trimmed_rows(flats, cuts, s), majority, self.params.disjoint)
         merged = merged.reshape(taus[0].shape)
         return merged if self._row_scales is not None else merged.mul_(self._outer_scale)
 
@@ -211,6 +268,13 @@ class Ties(MergeMethod):
             raise MergelabError("TIES global thresholds are unknown: run statistics passes 0 and 1 first")
         return self._thresholds
 
-    def _trimmed(self, stacked: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
-        trimmed = stacked if thresholds is None else trim(stacked, thresholds)
-        return trimmed if self._row_scales is None else scale_rows(trimmed, self._row_scales)
+    def _global_cuts(self) -> list[MagnitudeCut]:
+        """Keep |τ_t| ≥ κ_t (every tie) for each model."""
+        return [MagnitudeCut(kappa) for kappa in self._global_thresholds()]
+
+    def _trimmed_rows(self, flats: Sequence[torch.Tensor], cuts: Sequence[MagnitudeCut], s: slice) -> list[torch.Tensor]:
+        """The chunk ``s`` of every τ_t trimmed in place (and scaled by its λ_t when the λ_t differ)."""
+        rows = [cut.trim_(f[s]) for f, cut in zip(flats, cuts, strict=True)]
+        if self._row_scales is None:
+            return rows
+        return [row.mul_(scale) for row, scale in zip(rows, self._row_scales, strict=True)]
