@@ -42,6 +42,9 @@ def eval_command(
     template: list[str] = typer.Option(None, "--template", help="CLIP: a prompt template with {} for the class name; "
                                        "repeatable (default: 'a photo of a {}.')"),
     option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
+    sampling_rate: list[str] = typer.Option(None, "--sampling-rate", help="FT-Classifier also refits on this fraction "
+                                            "of the unlabelled test inputs (transductive; CV appendix), e.g. 0.01 or "
+                                            "1%; repeatable or comma-separated"),
 ) -> None:
     """Evaluate an encoder on tasks with the paper's protocols; prints tasks × protocols (mean ± std)."""
     from mergelab.evaluation.api import evaluate
@@ -58,12 +61,27 @@ def eval_command(
         transforms=[t.strip() for t in transforms.split(",") if t.strip()], cache_dir=cache_dir,
         max_length=max_length, protocol_options=protocol_options, device=device, precision=precision,
         zero_shot_text=zero_shot_text, **({"templates": tuple(template)} if template else {}),
+        sampling_rates=parse_rates(sampling_rate or []),
     )  # fmt: skip
     console().print(protocol_table(rows))
     if out is not None:
         records = [r if isinstance(r, Mapping) else r.to_dict() for r in rows]
         atomic_write_text(out, json.dumps(records, indent=1, default=float))
         typer.echo(f"wrote {len(rows)} rows to {out}")
+
+
+def parse_rates(values: list[str]) -> list[float]:
+    """``--sampling-rate`` values (repeated and/or comma-separated; ``0.01`` or ``1%``) as fractions of the test
+    set; anything else is a one-line ConfigError."""
+    rates = []
+    for text in (part.strip() for value in values for part in value.split(",")):
+        if not text:
+            continue
+        try:
+            rates.append(float(text[:-1]) / 100 if text.endswith("%") else float(text))
+        except ValueError:
+            raise ConfigError(f"--sampling-rate must be a fraction like 0.01 or a percentage like 1%, got '{text}'") from None
+    return rates
 
 
 def parse_options(values: list[str]) -> dict[str, dict[str, Any]]:
@@ -115,19 +133,21 @@ def protocol_table(rows: Iterable[Any]) -> Table:
     seeds, from the one summary (``mergelab.evaluation.results.summarize``); † marks transductive protocols."""
     from mergelab.bench.report import protocol_label
     from mergelab.bench.report.model import stat_cell
-    from mergelab.evaluation.results import as_rows, summarize
+    from mergelab.evaluation.results import as_rows, split_rate, summarize
 
     checked = as_rows({"method": r["model"], "params": {}, **r} if isinstance(r, Mapping) else r for r in rows)
     summary = summarize(checked)
     tasks = list(dict.fromkeys(r.task for r in checked))
     lines = dict.fromkeys((r.model, r.method, r.protocol, r.shots) for r in checked)
     table = Table(title="accuracy (%) on test, mean ± std over seeds; † transductive")
-    for column in ("protocol", "shots", *tasks, "Avg"):
+    for column in ("protocol", "shots / rate", *tasks, "Avg"):
         table.add_column(column)
     for model, method, name, k in lines:
         group = summary.find(model, method, name, k)
         if group is None:
             continue
         mark = " †" if any(r.transductive for r in checked if r.protocol == name) else ""
-        table.add_row(protocol_label(name) + mark, str(k), *[stat_cell(group.get(c)).text for c in (*tasks, "average")])
+        base, rate = split_rate(name)  # a sampling-rate cell shows its rate in the shots column
+        table.add_row(protocol_label(base) + mark, rate or str(k),
+                      *[stat_cell(group.get(c)).text for c in (*tasks, "average")])  # fmt: skip
     return table

@@ -69,6 +69,25 @@ def protocol_label(name: str, options: Mapping[str, Any] | None = None) -> str:
     return f"{name}:{','.join(f'{k}={options[k]}' for k in sorted(options))}"
 
 
+RATE_MARK = "@"  # a sampling-rate cell's stored protocol name: ``ft_classifier@1%``, ``ft_classifier:converged@0.5%``
+
+
+def rate_label(rate: float) -> str:
+    """A sampling rate (a fraction of the test inputs) as a percentage: 0.005 → '0.5%', 0.01 → '1%'."""
+    return f"{100 * float(rate):.6g}%"
+
+
+def rate_protocol(stored: str, rate: float) -> str:
+    """The stored protocol name of ``stored`` run at sampling rate ``rate`` (``ft_classifier@1%``)."""
+    return f"{stored}{RATE_MARK}{rate_label(rate)}"
+
+
+def split_rate(protocol: str) -> tuple[str, str | None]:
+    """(stored name without the rate, the rate's label or None) of a stored protocol name."""
+    base, mark, label = protocol.partition(RATE_MARK)
+    return (base, label) if mark else (protocol, None)
+
+
 @dataclass(frozen=True)
 class SummaryKey:
     """One summary group: a model (kind, method, params) under one protocol at one shot count."""

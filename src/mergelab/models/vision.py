@@ -154,15 +154,21 @@ def encode_images(encoder: nn.Module, processor: Any, images: Sequence[Any], bat
     return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """The prompt templates as a tuple; none, or one without ``{}`` for the class name, is a one-line ConfigError."""
+    bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
+    if not templates or bad:
+        raise ConfigError(f"every prompt template must contain '{{}}' for the class name; got {list(templates)}")
+    return tuple(templates)
+
+
 def zero_shot_weights(clip: nn.Module, tokenizer: Any, class_names: Sequence[str],
                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:  # fmt: skip
     """[C, d_proj]: per class, the normalised text embeddings of every template, averaged, normalised again, times
     the logit scale (exp of CLIP's learned temperature)."""
     if not class_names:
         raise ConfigError("a zero-shot head needs at least one class name")
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ConfigError(f"every prompt template must contain '{{}}' for the class name; got {list(templates)}")
+    check_templates(templates)
     rows = []
     with torch.no_grad():
         for name in class_names:
@@ -250,17 +256,43 @@ def load_clip(folder: str | Path, state: Mapping[str, torch.Tensor] | None = Non
     return CLIPModel.from_pretrained(str(folder), local_files_only=True, **kwargs).float().eval()
 
 
+class ClipTextTower:
+    """A pretrained HF CLIP and its tokenizer: the text tower that builds zero-shot heads."""
+
+    def __init__(self, clip: nn.Module, tokenizer: Any) -> None:
+        self.clip, self.tokenizer = clip, tokenizer
+
+    def class_weights(self, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+        """[C, d_proj] zero-shot weights of ``class_names`` (``zero_shot_weights``)."""
+        return zero_shot_weights(self.clip, self.tokenizer, [str(n) for n in class_names], templates)
+
+
+def load_clip_text(folder: str | Path, clip: nn.Module | None = None) -> ClipTextTower:
+    """The text tower of the CLIP folder ``folder`` (its model, or the already loaded ``clip``, and its tokenizer)."""
+    from transformers import AutoTokenizer  # lazy: see load_processor
+
+    folder = _require_folder(folder, "CLIP text tower")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return ClipTextTower(clip if clip is not None else load_clip(folder), tokenizer)
+
+
+def clip_task_model(path: str | Path, label_names: Sequence[str], weights: torch.Tensor) -> TaskModel:
+    """A (fine-tuned) CLIP folder's vision tower as the encoder with the zero-shot head of ``weights`` [C, d]."""
+    folder = _require_folder(path, "CLIP model")
+    if len(weights) != len(label_names):
+        raise ConfigError(f"the zero-shot head has {len(weights)} classes but the task has {len(label_names)}")
+    return TaskModel(clip_image_encoder(load_clip(folder), load_processor(folder)), zero_shot_head(weights),
+                     [str(n) for n in label_names])  # fmt: skip
+
+
 def load_clip_task_model(path: str | Path, label_names: Sequence[str], text_source: str | Path | None = None,
                          templates: Sequence[str] = DEFAULT_TEMPLATES) -> TaskModel:  # fmt: skip
     """A (fine-tuned) CLIP folder as a task model: its vision tower as the encoder, the zero-shot head of the class
-    names built from the text tower of ``text_source`` (the pretrained CLIP; default: ``path`` itself)."""
-    from transformers import AutoTokenizer  # lazy: see load_processor
-
+    names built from the text tower of ``text_source`` (the pretrained CLIP; default: ``path`` itself). Built
+    every call: ``mergelab.evaluation.zero_shot`` caches heads by content."""
     clip = load_clip(path)
-    text_folder = _require_folder(text_source or path, "CLIP text tower")
-    text_clip = clip if text_source is None else load_clip(text_folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(text_folder), local_files_only=True)
-    head = zero_shot_head(zero_shot_weights(text_clip, tokenizer, [str(n) for n in label_names], templates))
+    text = load_clip_text(text_source or path, None if text_source is not None else clip)
+    head = zero_shot_head(text.class_weights(label_names, templates))
     return TaskModel(clip_image_encoder(clip, load_processor(_require_folder(path, "CLIP model"))), head,
                      [str(n) for n in label_names])  # fmt: skip
 

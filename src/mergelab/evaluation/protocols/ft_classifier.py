@@ -11,9 +11,12 @@ steps on the whole few-shot set at once, same lr; the default ``steps`` is epoch
 same number of Adam updates as the reference (Adam moves each weight by ~lr per update whatever the batch,
 so the head travels about as far). The noise-free gradient gets slightly further: on the rotated toy of the
 tests, mean over 8 seeds, 96.8 % (reference) vs 100 % (full batch) at 5 shots, 46 % vs 52 % at 1 shot.
-``sample_fraction``: the CV variant of appendix A.2 — draw that fraction of the *eval* split's inputs
-uniformly (seeded) instead of k per class; this uses eval inputs, so the outcome is marked transductive and
-``shots`` is ignored.
+``sample_fraction``: the CV variant of appendix A.2 (the paper's sampling rates 0.5, 1, 2.5, 5 and 10 % of the test
+set) — draw that fraction of the *eval* split's inputs (at least one) uniformly with ``seed``
+(``core.sampling.sample_fraction``; their labels are not read) instead of k per class; this uses eval inputs, so
+the outcome is marked transductive, ``shots`` is ignored and ``extras`` records ``sampling_rate``.
+``evaluate(sampling_rates=...)`` / ``mergelab eval --sampling-rate`` / the bench's ``sampling_rates`` run it
+as cells of their own (``api.expand_cells``).
 
 The head is trained in eval mode (dropout inside the head off) unless ``head_dropout=True``; the reference
 code leaves the merged BERT in train mode (dropout on student features) — features here are cached, so only
@@ -277,12 +280,13 @@ def ft_classifier(ctx: ProtocolContext, *, seed: int = 0, shots: int = 5, **opti
     transductive = opts.sample_fraction is not None
     inputs, teacher = refit_set(ctx, shots, seed, opts.sample_fraction)
     count = len(inputs)
+    rate = {} if opts.sample_fraction is None else {"sampling_rate": opts.sample_fraction}
     if opts.solver == "converged":
         student, info = solve_head(ctx.head, inputs, teacher, tolerance=opts.tolerance, max_iter=opts.max_iter)
         logits = head_logits(student, eval_split.features)
         check_labels_fit(ctx.task, eval_split, logits.shape[1], ctx.eval_split)
         return outcome(logits, eval_split.labels, transductive, samples=count, train_loss=info["final_kl"],
-                       solver=opts.solver, **info)  # fmt: skip
+                       solver=opts.solver, **info, **rate)  # fmt: skip
     student, losses = refit_head(
         ctx.head,
         inputs,
@@ -308,4 +312,5 @@ def ft_classifier(ctx: ProtocolContext, *, seed: int = 0, shots: int = 5, **opti
         initial_kl=full_batch_kl(ctx.head, inputs, teacher),
         final_kl=full_batch_kl(student, inputs, teacher),
         iterations=reference_steps(count, opts.epochs, opts.batch_size, opts.full_batch, opts.steps),
+        **rate,
     )

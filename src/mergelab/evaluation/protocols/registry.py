@@ -31,7 +31,9 @@ class ProtocolInfo:
     for a seeded initialisation); ``dense``
     protocols fit maps on [N, d] × [d, d] matrices, where more threads pay (the benchmark gives them its
     ``threads``; the others, on few-shot sets, run faster on ``protocol_threads``); ``options``: the model of its
-    options (names, types, defaults, bounds, descriptions), the only validation of them."""
+    options (names, types, defaults, bounds, descriptions), the only validation of them; ``sampling_rate``: it also
+    runs on a sampling rate of the unlabelled eval inputs (option ``sample_fraction``; transductive) instead of k
+    inputs per class, the CV appendix's variant."""
 
     name: str
     fn: ProtocolFn
@@ -40,6 +42,7 @@ class ProtocolInfo:
     summary: str
     options: type[ProtocolOptions]
     dense: bool = False
+    sampling_rate: bool = False
 
 
 def protocol_infos() -> dict[str, ProtocolInfo]:
@@ -68,6 +71,7 @@ def protocol_infos() -> dict[str, ProtocolInfo]:
             False,
             "refit a copy of the head on k unlabelled train samples/class by KL(p_finetuned || p_merged)",
             FtClassifierOptions,
+            sampling_rate=True,
         ),
         ProtocolInfo(
             "linear_probe",
