@@ -92,7 +92,7 @@ class AdapterReader:
         self.base = base
         self.config = dict(config) if config is not None else read_adapter_config(self.folder)
         check_supported(self.config, self.folder)
-        self.adapter = _open_adapter_weights(self.folder)
+        self.adapter = open_adapter_weights(self.folder)
         self._updates: dict[str, list[LoraUpdate]] = {}  # base name -> updates added to it
         self._replaced: dict[str, str] = {}  # base name -> adapter key of the full tensor replacing it
         self._extra: dict[str, str] = {}  # name outside the base -> adapter key
@@ -370,7 +370,7 @@ def targets_module(config: Mapping[str, Any], module: str) -> bool | None:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def _open_adapter_weights(folder: Path) -> CheckpointReader:
+def open_adapter_weights(folder: Path) -> CheckpointReader:
     if (folder / ADAPTER_SAFETENSORS).is_file():
         return SafetensorsReader([folder / ADAPTER_SAFETENSORS], str(folder / ADAPTER_SAFETENSORS))
     if (folder / ADAPTER_TORCH).is_file():
