@@ -21,6 +21,7 @@ from mergelab.core.errors import ConfigError
 from mergelab.merging.spec import Method
 
 CHUNK = 1 << 22  # entries per chunk for elementwise work on large tensors (16 MB of float32)
+FUSED_CHUNK = 1 << 18  # entries per chunk where several elementwise steps run in a row (1 MB: stays in cache)
 
 
 def chunk_slices(numel: int, chunk: int = CHUNK) -> list[slice]:

@@ -88,8 +88,9 @@ def plan_merge(
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no entry is NaN or ±Inf: one min/max reduction (NaN propagates), no boolean copy."""
-    if tensor.numel() == 0:
+    """True when no entry is NaN or ±Inf: a finite sum proves it (NaN and ±Inf propagate); a non-finite sum (which
+    an overflow of finite entries can also give) is settled by one min/max reduction. No boolean copy."""
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))

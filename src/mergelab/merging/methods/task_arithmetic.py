@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.merging.base import MergeMethod, per_model_values
+from mergelab.merging.base import FUSED_CHUNK, MergeMethod, chunk_slices, per_model_values
 from mergelab.merging.ops import require_base, task_vectors
 from mergelab.merging.spec import MethodParams, MethodSpec
 
@@ -50,5 +50,11 @@ class TaskArithmetic(MergeMethod):
         return delta
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
-        base = require_base(base, self.name)
-        return base.add_(self.merge_task_vectors(name, task_vectors(base, models, in_place=True)))
+        """θ₀ + Σ_t λ_t τ_t in place, in cache-sized chunks (every step is elementwise: the same bits as whole
+        tensors, with the inputs read from memory once instead of once per step)."""
+        base = require_base(base, self.name).contiguous()
+        flat_base, flats = base.view(-1), [m.contiguous().view(-1) for m in models]
+        for s in chunk_slices(flat_base.numel(), FUSED_CHUNK):
+            piece = flat_base[s]
+            piece.add_(self.merge_task_vectors(name, task_vectors(piece, [f[s] for f in flats], in_place=True)))
+        return base
