@@ -147,7 +147,7 @@ def test_bench_pleas_runs_the_pleas_runner(tmp_path, fake_pleas):
 def test_bench_names_an_unknown_experiment_and_the_built_in_ones(tmp_path):
     result = CliRunner().invoke(app, ["bench", "fulll", "--out", str(tmp_path / "x")])
     assert result.exit_code == 1
-    assert "no experiment 'fulll': no such YAML file, and no built-in one of that name (demo, full, pleas)" in result.output
+    assert "no experiment 'fulll': no such YAML file, and no built-in one of that name (demo, full, vision, pleas)" in result.output
     result = CliRunner().invoke(app, ["bench", "pleas", "--out", str(tmp_path / "x"), "--budgets", "1.0,wide"])
     assert result.exit_code == 1 and "--budgets must be comma-separated numbers, got '1.0,wide'" in result.output
 

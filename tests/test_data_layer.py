@@ -177,7 +177,7 @@ def test_builtin_tasks_load_with_their_class_counts(name, classes):
 def test_unknown_builtin_task_lists_the_names():
     with pytest.raises(DataError, match="election"):
         load_builtin_task("imdb")
-    assert builtin_task_names() == ["newsgroups", "reuters8", "election", "rotten_tomatoes"]
+    assert builtin_task_names() == ["newsgroups", "reuters8", "election", "rotten_tomatoes", "mnist", "fashion_mnist", "digits"]
 
 
 def test_missing_data_package_prints_the_install_command(monkeypatch):

@@ -130,7 +130,7 @@ def base_copy(trained: dict, folder: Path) -> Path:
         ("copy", CheckpointError, r"expert 't0' .* has exactly the base's weights: it is a copy of the base, not a "
                                   r"fine-tuned expert"),  # fmt: skip
         ("missing", CheckpointError, r"expert 't0' \./no/such/expert does not exist; check the path"),
-        ("adapter", ConfigError, r"expert 't0' .* is a PEFT LoRA adapter.*merge_and_unload"),
+        ("adapter", ConfigError, r"expert 't0' .* is a LoRA adapter that saves no classification head"),
         ("feature", ConfigError, r"the experts read different features \{'t0': 'pooler', 't1': 'mean', 't2': 'mean'\}"),
     ],
 )
@@ -144,7 +144,7 @@ def test_each_bad_expert_is_one_clear_error(trained, tmp_path, monkeypatch, case
         "tensors": lambda: bert_classifier(tmp_path / "shallow", 2, num_hidden_layers=1),
         "copy": lambda: base_copy(trained, tmp_path / "copy"),
         "missing": lambda: "./no/such/expert",
-        "adapter": lambda: adapter_folder(tmp_path / "lora"),
+        "adapter": lambda: headless_adapter(trained["base"], tmp_path / "lora"),
         "feature": lambda: bert_classifier(tmp_path / "native", 2),  # a sound expert, but read by its pooler
     }[case]()
     cfg = experts_config(trained, {**experts, "t0": str(bad)})
@@ -153,9 +153,13 @@ def test_each_bad_expert_is_one_clear_error(trained, tmp_path, monkeypatch, case
     assert "\n" not in str(info.value)
 
 
-def adapter_folder(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+def headless_adapter(base: Path, folder: Path) -> Path:
+    """A PEFT LoRA adapter of the base's encoder that saves no classification head (no SEQ_CLS task type)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])).save_pretrained(folder)
     return folder
 
 

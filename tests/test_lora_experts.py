@@ -76,3 +76,34 @@ def test_an_adapter_of_another_base_is_refused(base, tmp_path):
     other = tiny_base(tmp_path / "other", seed=5)
     with pytest.raises(CheckpointError, match=r"was trained on .* but the base given is .*a different checkpoint"):
         lora.materialise_lora_classifier("t", tmp_path / "adapter", other, LABELS, tmp_path / "experts")
+
+
+def test_a_bench_on_lora_adapters_gives_the_rows_of_their_materialised_models(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from mergelab.bench import pool as pool_module
+    from mergelab.bench.config import ExperimentConfig
+    from mergelab.bench.runner import run_benchmark
+    from tests._text_helpers import make_task, tiny_bare_base, write_task_folder
+
+    monkeypatch.setattr(pool_module, "get_or_train_expert", lambda *a, **k: pytest.fail("an expert was fine-tuned"))
+    bare = tiny_bare_base(tmp_path)
+    tasks = {f"t{i}": make_task(f"t{i}", num_classes=2 + i, per_class=6, seed=i) for i in range(3)}
+    adapters = {}
+    for i, (name, task) in enumerate(tasks.items()):
+        write_task_folder(task, tmp_path / name)
+        make_adapter(bare, tmp_path / f"lora-{name}", num_labels=len(task.label_names), seed=10 + i)
+        adapters[name] = str(tmp_path / f"lora-{name}")
+    config = {"base": str(bare), "tasks": [{"name": n, "path": str(tmp_path / n)} for n in tasks],
+              "data": {"fewshot_pool_per_class": 3}, "finetune": {"max_length": 16},
+              "methods": [{"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}}], "protocols": ["current", "knn"],
+              "shots": [1], "seeds": 2, "threads": 1}  # fmt: skip
+    run_benchmark(ExperimentConfig.model_validate({**config, "experts": adapters}), tmp_path / "run", tmp_path / "cache",
+                  log=lambda m: None, report=False)  # fmt: skip
+    materialised = {n: next((tmp_path / "cache" / "experts").glob(f"lora-{n}-*")) for n in tasks}
+    full = {n: str(path) for n, path in materialised.items()}
+    run_benchmark(ExperimentConfig.model_validate({**config, "experts": full}), tmp_path / "run-full",
+                  tmp_path / "cache-full", log=lambda m: None, report=False)  # fmt: skip
+    mine, theirs = (pd.read_csv(tmp_path / r / "results.csv") for r in ("run", "run-full"))
+    assert len(mine) > 0 and {"finetuned", "merged"} <= set(mine["model"])
+    pd.testing.assert_frame_equal(mine, theirs)  # same content, same keys: the adapters are those models

@@ -19,7 +19,7 @@ from mergelab.io.fingerprint import checkpoint_fingerprint
 from mergelab.io.writer import atomic_write_text
 from mergelab.learned.api import NeuLigReport, neulig_with_data
 from mergelab.learned.neulig import NeuLigOptions
-from mergelab.models.hf import load_encoder
+from mergelab.models.loading import load_encoder
 
 FeatureMap = Mapping[str, TaskFeatures]
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from mergelab.bench.config import ExperimentConfig
+from mergelab.bench.config import ExperimentConfig, MethodSpec
 from mergelab.bench.context import RunContext
 from mergelab.bench.pool import Expert
 from mergelab.bench.store import cell_key
-from mergelab.bench.timing import torch_threads
+from mergelab.bench.timing import Timings, torch_threads
 from mergelab.data.types import TextTask
 from mergelab.evaluation.api import expand_cells
 from mergelab.evaluation.devices import on_device
@@ -73,7 +73,8 @@ def protocol_cells(cfg: ExperimentConfig, protocols: Sequence[str]) -> list[Cell
     """Every cell of one (subject, task), with each protocol's configured options."""
     return [
         (stored, protocol, {**cfg.protocol_options.get(protocol, {}), **options}, seed, shots)
-        for stored, protocol, options, seed, shots in expand_cells(protocols, cfg.shots, cfg.seeds, cfg.transforms, cfg.protocol_options)
+        for stored, protocol, options, seed, shots in expand_cells(protocols, cfg.shots, cfg.seeds, cfg.transforms, cfg.protocol_options,
+                                                                   sampling_rates=cfg.sampling_rates or ())
     ]  # fmt: skip
 
 
@@ -105,32 +106,62 @@ def evaluate_subject(ctx: RunContext, subject: Subject, features: Mapping[str, T
         pending = [(key, cell) for key, cell in keyed if not ctx.store.has(key)]
         if not pending:
             continue
-        context = ProtocolContext(task=task, evaluated=feats, head=(heads or {}).get(task, ctx.experts[task].head),
-                                  finetuned=refs.finetuned[task], ensemble_features=(ensemble or {}).get(task, []),
-                                  eval_split="test")  # fmt: skip
-        context = on_device(context, ctx.device)  # the CPU: the very same context
+        context = test_context(task, feats, (heads or {}).get(task, ctx.experts[task].head), refs.finetuned[task],
+                               (ensemble or {}).get(task, []), ctx.device)  # fmt: skip
         rows = {key: run_cell(ctx, subject, context, cell, refs.test_accuracy.get(task)) for key, cell in pending}
         ctx.store.add(rows)  # one transaction per (subject, task): all or nothing
     ctx.log(f"evaluated {subject.model.value}/{subject.method} {params_json(subject.params)}")
 
 
+def test_context(task: str, feats: TaskFeatures, head: torch.nn.Module, finetuned: TaskFeatures,
+                 ensemble: list[TaskFeatures], device: torch.device) -> ProtocolContext:  # fmt: skip
+    """What every protocol cell of one (subject, task) reads, on ``device`` (the CPU: the very same context)."""
+    context = ProtocolContext(task=task, evaluated=feats, head=head, finetuned=finetuned, ensemble_features=ensemble,
+                              eval_split="test")  # fmt: skip
+    return on_device(context, device)
+
+
 def run_cell(ctx: RunContext, subject: Subject, context: ProtocolContext, cell: Cell,
+             reference: float | None) -> ResultRow:  # fmt: skip
+    """One protocol run of the run's cell (see :func:`cell_row`)."""
+    return cell_row(ctx.cfg, ctx.timings, subject, context, cell, reference)
+
+
+def cell_row(cfg: ExperimentConfig, timings: Timings, subject: Subject, context: ProtocolContext, cell: Cell,
              reference: float | None) -> ResultRow:  # fmt: skip
     """One protocol run (dense protocols on the run's threads, the others on ``protocol_threads``) as a row."""
     _, protocol, options, seed, shots = cell
-    threads = ctx.cfg.threads if get_protocol(protocol).dense else ctx.cfg.protocol_threads
-    with ctx.timings.timed(f"protocol:{protocol}"), torch_threads(threads):
+    threads = cfg.threads if get_protocol(protocol).dense else cfg.protocol_threads
+    with timings.timed(f"protocol:{protocol}"), torch_threads(threads):
         outcome = run_protocol(protocol, context, seed=seed, shots=shots, **options)
     return subject_row(subject, context.task, cell, outcome, reference)
+
+
+def own_accuracy(name: str, feats: TaskFeatures, head: torch.nn.Module, device: torch.device) -> tuple[float, float | None]:
+    """An expert's own accuracy (Current Eval with its own head) on test and, where present, validation."""
+    test = run_protocol("current", on_device(ProtocolContext(name, feats, head, feats), device)).accuracy
+    if "validation" not in feats.splits:
+        return test, None
+    context = on_device(ProtocolContext(name, feats, head, feats, eval_split="validation"), device)
+    return test, run_protocol("current", context).accuracy
 
 
 def finetuned_references(ctx: RunContext, finetuned: Mapping[str, TaskFeatures]) -> References:
     """Each expert's own accuracy (Current Eval with its own head) on test and, where present, validation."""
     test, validation = {}, {}
     for name, feats in finetuned.items():
-        head = ctx.experts[name].head
-        test[name] = run_protocol("current", on_device(ProtocolContext(name, feats, head, feats), ctx.device)).accuracy
-        if "validation" in feats.splits:
-            context = on_device(ProtocolContext(name, feats, head, feats, eval_split="validation"), ctx.device)
-            validation[name] = run_protocol("current", context).accuracy
+        test[name], val = own_accuracy(name, feats, ctx.experts[name].head, ctx.device)
+        if val is not None:
+            validation[name] = val
     return References(finetuned, test, validation)
+
+
+def method_protocols(cfg: ExperimentConfig, spec: MethodSpec) -> list[str]:
+    """A merge's protocols: all but the ensemble, the aligned ones only for ``aligned_methods`` (if listed)."""
+    return [p for p in cfg.protocols if p != "ensemble"
+            and (p != "aligned" or cfg.aligned_methods is None or spec.display in cfg.aligned_methods)]  # fmt: skip
+
+
+def tsne_method(cfg: ExperimentConfig) -> str | None:
+    """The method whose merged features Figure 1 shows (the first one by default)."""
+    return cfg.tsne_method or (cfg.methods[0].display if cfg.methods else None)

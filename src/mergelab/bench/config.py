@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
+from mergelab.bench.executor import ExecutorConfig
 from mergelab.bench.methods import validate_method_params
 from mergelab.core.config import StrictModel, load_yaml_config
 from mergelab.core.errors import ConfigError
@@ -76,9 +77,10 @@ class MethodSpec(StrictModel):
 
 
 class ExperimentConfig(OptionalKeysModel):
-    omit_when_none: ClassVar[frozenset[str]] = frozenset({"experts"})
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"experts", "sampling_rates"})
 
-    base: str = Field(default="minilm", description="'minilm' (offline all-MiniLM-L6-v2), a local path, or an HF id")
+    base: str = Field(default="minilm", description="'minilm' (offline all-MiniLM-L6-v2), 'efficientnet-lite0' (offline "
+                      "ImageNet EfficientNet-Lite0, for image tasks), a local path, or an HF id")
     tasks: list[TaskSpec] = Field(min_length=1)
     data: DataSpec = Field(default_factory=DataSpec)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="the experts' recipe")
@@ -97,6 +99,10 @@ class ExperimentConfig(OptionalKeysModel):
         default=None, description="methods (display names) evaluated with the aligned transforms (default: all)"
     )
     shots: list[int] = Field(default_factory=lambda: [5])
+    sampling_rates: list[float] | None = Field(
+        default=None, description="FT-Classifier also refits on these fractions of the unlabelled test inputs, e.g. "
+        "[0.005, 0.01] (the paper's CV appendix; transductive, stored as ft_classifier@1% with shots 0)"
+    )  # fmt: skip
     seeds: int = Field(default=5, ge=1)
     select_on: Literal["validation"] = "validation"
     select_protocol: Literal["current", "knn", "ft_classifier"] = "current"
@@ -111,6 +117,8 @@ class ExperimentConfig(OptionalKeysModel):
     protocol_threads: int = Field(default=1, ge=1, description="torch threads for the few-shot protocols (dense ones, aligned and surgery, use threads)")
     device: str | None = Field(default=None, exclude=True, description="where models and protocols run: auto "
                                "(unset: CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps; not in the stored config")
+    executor: ExecutorConfig | None = Field(default=None, exclude=True, description="where the units of work run: "
+                                            "local (unset) or ray; not in the stored config, nor in any cache key")
 
     @field_validator("shots")
     @classmethod
@@ -118,6 +126,13 @@ class ExperimentConfig(OptionalKeysModel):
         if not shots or any(k < 1 for k in shots):
             raise ValueError("shots must be a non-empty list of positive integers")
         return sorted(set(shots))
+
+    @field_validator("sampling_rates")
+    @classmethod
+    def _fraction_rates(cls, rates: list[float] | None) -> list[float] | None:
+        if rates is not None and (not rates or any(not 0 < r <= 1 for r in rates)):
+            raise ValueError("sampling_rates must be a non-empty list of fractions in (0, 1], e.g. [0.005, 0.01]")
+        return None if rates is None else sorted(set(rates))
 
     @field_validator("protocol_options")
     @classmethod
@@ -139,6 +154,13 @@ class ExperimentConfig(OptionalKeysModel):
         labels = [m.display for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"two methods share the display name in {labels}; give one a 'label'")
+        return self
+
+    @model_validator(mode="after")
+    def _rates_have_a_protocol(self) -> ExperimentConfig:
+        able = [name for name, info in protocol_infos().items() if info.sampling_rate]
+        if self.sampling_rates and not set(able) & set(self.protocols):
+            raise ValueError(f"sampling_rates apply to the protocol(s) {', '.join(able)}; add one to protocols")
         return self
 
     @model_validator(mode="after")
@@ -166,11 +188,12 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
     return cfg
 
 
-BUILTIN_CONFIGS = ("demo", "full")
+BUILTIN_CONFIGS = ("demo", "full", "vision")
 
 
 def builtin_config(name: str) -> ExperimentConfig:
-    """An embedded experiment: ``demo`` (the default job) or ``full`` (every method and protocol)."""
+    """An embedded experiment: ``demo`` (the default job), ``full`` (every method and protocol) or ``vision``
+    (EfficientNet-Lite0 on three offline image tasks)."""
     if name not in BUILTIN_CONFIGS:
         raise ConfigError(f"no built-in experiment '{name}'; built in: {', '.join(BUILTIN_CONFIGS)} (or a YAML path)")
     return load_experiment_config(Path(str(files("mergelab.bench").joinpath(f"configs/{name}.yaml"))))

@@ -15,7 +15,9 @@ independent units run at once; Ray retries a unit whose worker died (``max_retri
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +72,7 @@ class Done:
     unit: Unit
     result: Any
     where: str
+    seconds: float = 0.0  # the call's own time where it ran (no scheduling, no transfer)
 
 
 OnDone = Callable[[Done], None]
@@ -97,8 +100,9 @@ def run_local(units: Sequence[Unit], on_done: OnDone) -> dict[str, Any]:
     results: dict[str, Any] = {}
     where = f"local:{socket.gethostname()}"
     for unit in units:
+        start = time.perf_counter()
         results[unit.name] = _call(unit, [results[d] for d in unit.deps])
-        on_done(Done(unit, results[unit.name], where))
+        on_done(Done(unit, results[unit.name], where, time.perf_counter() - start))
     return results
 
 
@@ -111,28 +115,56 @@ def import_ray() -> Any:
     return ray
 
 
-def _remote_call(unit: Unit, *results: Any) -> tuple[Any, str]:
-    """Runs on a Ray worker: the unit's result and where it ran."""
+def _remote_call(fn: Callable[..., Any], kwargs: Mapping[str, Any], *values: Any) -> tuple[Any, tuple[str, float]]:
+    """Runs on a Ray worker: ``fn``'s result, and where it ran and for how long."""
     ray = import_ray()
-    return _call(unit, results), f"ray:{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:12]}"
+    start = time.perf_counter()
+    result = fn(*values, **dict(kwargs))
+    where = f"ray:{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:12]}"
+    return result, (where, time.perf_counter() - start)
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+class _Shared:
+    """Each non-plain argument object put once into Ray's object store and passed by reference to every unit that
+    takes it (a run's shared description is serialised once, not once per unit)."""
+
+    def __init__(self, ray: Any) -> None:
+        self.ray, self.refs = ray, {}
+
+    def __call__(self, value: Any) -> Any:
+        if _is_plain(value):
+            return value
+        if id(value) not in self.refs:
+            self.refs[id(value)] = (value, self.ray.put(value))  # the value kept alive: its id stays its own
+        return self.refs[id(value)][1]
 
 
 def run_ray(units: Sequence[Unit], on_done: OnDone, config: ExecutorConfig) -> dict[str, Any]:
     """Every unit as a Ray task (dependencies as object references); ``on_done`` in the driver as each finishes."""
     check_graph(units)
     ray = import_ray()
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_returns=2)(_remote_call)
+    remote, shared = ray.remote(num_returns=2)(_remote_call), _Shared(ray)
     refs: dict[str, tuple[Any, Any]] = {}  # unit name → (result ref, where ref)
     pending: dict[Any, Unit] = {}
-    for unit in units:
-        res = config.resources_of(unit.kind)
-        options = remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=config.max_retries,
-                                 retry_exceptions=True, name=unit.name)  # fmt: skip
-        refs[unit.name] = options.remote(unit, *[refs[d][0] for d in unit.deps])
-        pending[refs[unit.name][0]] = unit
-    return _collect(ray, pending, refs, on_done, config.max_retries)
+    try:
+        for unit in units:
+            res = config.resources_of(unit.kind)
+            options = remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=config.max_retries,
+                                     retry_exceptions=True, name=unit.name)  # fmt: skip
+            values = [shared(a) for a in unit.args] + [refs[d][0] for d in unit.deps]
+            refs[unit.name] = options.remote(unit.fn, dict(unit.kwargs), *values)
+            pending[refs[unit.name][0]] = unit
+        return _collect(ray, pending, refs, on_done, config.max_retries)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _collect(ray: Any, pending: dict[Any, Unit], refs: Mapping[str, tuple[Any, Any]], on_done: OnDone,
@@ -149,7 +181,7 @@ def _collect(ray: Any, pending: dict[Any, Unit], refs: Mapping[str, tuple[Any, A
                 ray.cancel(ref, force=True)
             raise UnitFailed(f"unit '{unit.name}' failed after {retries + 1} tries: {_root(exc)}") from exc
         results[unit.name] = result
-        on_done(Done(unit, result, where))
+        on_done(Done(unit, result, *where))
     return results
 
 
@@ -157,6 +189,24 @@ def _root(exc: BaseException) -> str:
     """The original error of a Ray task failure, as one line."""
     cause = getattr(exc, "cause", None) or exc
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+
+
+@contextmanager
+def session(config: ExecutorConfig | None) -> Iterator[None]:
+    """Ray up for the block when ``config`` asks for it and it is not up yet (then shut down after it), so every
+    ``run_units`` of one run shares one Ray session; nothing for the local executor."""
+    if config is None or config.kind != "ray":
+        yield
+        return
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_units(units: Sequence[Unit], on_done: OnDone, config: ExecutorConfig | None = None) -> dict[str, Any]:

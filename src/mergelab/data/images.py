@@ -68,6 +68,11 @@ class ImageSplit:
         """Images ``start`` … ``stop − 1`` decoded (one batch)."""
         return [self.image(i) for i in range(start, min(stop, len(self)))]
 
+    def subset(self, indices: Sequence[int]) -> ImageSplit:
+        """The images ``indices`` (in that order) as a split of their own, still undecoded."""
+        names = [self.names[i] for i in indices] if self.names else []
+        return ImageSplit([self.sources[i] for i in indices], [int(self.labels[i]) for i in indices], names)
+
 
 @dataclass(frozen=True)
 class ImageTask:
@@ -81,6 +86,8 @@ class ImageTask:
     def __post_init__(self) -> None:
         check_splits("image task", self.name, self.splits,
                      "add a {split}/ folder (one sub-folder per class) or a {split}.csv of path,label rows")
+
+    modality = "image"
 
     @property
     def num_classes(self) -> int:

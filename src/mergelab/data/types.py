@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,10 @@ class TextSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, indices: Sequence[int]) -> TextSplit:
+        """The items ``indices`` (in that order) as a split of their own."""
+        return TextSplit([self.texts[i] for i in indices], [int(self.labels[i]) for i in indices])
 
 
 def check_splits(kind: str, name: str, splits: Mapping[str, Any], how_to_add: str) -> None:
@@ -51,6 +55,8 @@ class TextTask:
             bad = sorted({y for y in split.labels if not 0 <= y < len(self.label_names)})
             if bad:
                 raise DataError(f"task '{self.name}': {split_name} labels {bad[:5]} are outside 0..{len(self.label_names) - 1}")
+
+    modality = "text"
 
     @property
     def num_classes(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergelab.bench.report.facts import chosen_blocks, facts_blocks, learned_table
+from mergelab.bench.report.facts import chosen_blocks, facts_blocks, learned_table, units_table
 from mergelab.bench.report.figures import (
     figure_aligned,
     figure_expert_losses,
@@ -168,6 +168,7 @@ def record_sections(results: RunResults) -> list[Section | None]:
         section("learned", "What the data-dependent merges learned or chose",
                 learned_table(learned) if learned else None),
         section("run-facts", "Run facts", *facts_blocks(meta)),
+        section("units", "Where the units ran", units_table(meta.get("units") or {})),
     ]  # fmt: skip
 
 

@@ -133,3 +133,18 @@ def facts_blocks(meta: Mapping[str, Any]) -> tuple[Block, ...]:
         rows = tuple(row([stage, f"{seconds:.0f}"]) for stage, seconds in meta["timings"].items())
         blocks += [Paragraph("Timings:"), Table(("stage", "seconds"), rows)]
     return tuple(blocks)
+
+
+def units_table(units: Mapping[str, Mapping[str, Any]]) -> Table | None:
+    """Where a run's units of work ran (``units`` meta of a run on an executor): per host and kind of unit, how
+    many, and their seconds there (the units' own time, without scheduling)."""
+    if not units:
+        return None
+    counts: dict[tuple[str, str], list[float]] = {}
+    for record in units.values():
+        where = ":".join(str(record.get("where", MISSING)).split(":")[:2])  # executor:host (not the Ray node id)
+        counts.setdefault((where, str(record.get("kind", MISSING))), []).append(float(record.get("seconds", 0.0)))
+    rows = tuple(row([where, kind, str(len(seconds)), f"{sum(seconds):.1f}"])
+                 for (where, kind), seconds in sorted(counts.items()))  # fmt: skip
+    note = f"{len(units)} units; a unit run again by a resumed run is counted once, where it last ran."
+    return Table(("where", "kind of unit", "units", "seconds"), rows, note=note, label_columns=2)

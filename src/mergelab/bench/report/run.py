@@ -12,7 +12,7 @@ from mergelab.bench.store import ResultStore
 from mergelab.core.errors import MergelabError
 from mergelab.evaluation.results import GroupSummary, ModelKind, ResultRow, Stat, Summary, as_rows, summarize
 
-META_KEYS = ("config", "chosen", "selection", "provenance", "versions", "timings", "learned", "fewshot_pool")
+META_KEYS = ("config", "chosen", "selection", "provenance", "versions", "timings", "learned", "fewshot_pool", "units")
 RowLike = ResultRow | Mapping[str, Any]
 
 
