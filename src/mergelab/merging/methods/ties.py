@@ -14,6 +14,7 @@ from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
 from mergelab.merging.ops import (
     MagnitudeCut,
+    Scratch,
     TieBreak,
     bin_bounds,
     bits_to_float,
@@ -42,6 +43,11 @@ _HIGH_PASS, _LOW_PASS, _SIGN_PASS = 0, 1, 2
 PARALLEL_MIN = 1 << 20  # entries per tensor from which the T per-tensor selections run in parallel threads
 DEFER_BYTES = 1 << 28  # τ values global TIES may hold between passes 1 and its end (else a third pass runs)
 MERGE_CHUNK = 1 << 20  # entries per chunk of the fused trim-elect-merge loop (4 MB of float32: stays in cache)
+
+
+def chunk_scratch(flat: torch.Tensor) -> Scratch:
+    """Buffers for one tensor's fused chunk loop (chunks of at most ``MERGE_CHUNK`` entries)."""
+    return Scratch(min(flat.numel(), MERGE_CHUNK), flat)
 
 
 def per_tensor_cuts(flats: Sequence[torch.Tensor], count: int, tie_break: TieBreak) -> list[MagnitudeCut]:
@@ -179,9 +185,9 @@ class Ties(MergeMethod):
             self._observe_signs(flats)
 
     def _observe_signs(self, flats: Sequence[torch.Tensor]) -> None:
-        cuts = self._global_cuts()
+        cuts, work = self._global_cuts(), chunk_scratch(flats[0])
         for s in chunk_slices(flats[0].numel(), MERGE_CHUNK):
-            self._sign_total += sign_total_rows(self._trimmed_rows(flats, cuts, s))
+            self._sign_total += sign_total_rows(self._trimmed_rows(flats, cuts, s, work), work)
 
     def _observe_low_and_signs(self, flats: Sequence[torch.Tensor]) -> None:
         """Pass 1 carrying the sign statistics: exact where the trim is already certain, deferred elsewhere."""
@@ -189,8 +195,9 @@ class Ties(MergeMethod):
             self._observe_signs(flats)
             return
         lo, hi = bin_bounds(self._high_bins)
+        work = chunk_scratch(flats[0])
         for s in chunk_slices(flats[0].numel(), MERGE_CHUNK):
-            split = split_at_bins([f[s] for f in flats], lo, hi, self._row_scales)
+            split = split_at_bins([f[s] for f in flats], lo, hi, self._row_scales, work)
             self._low_hist = split.low_hist if self._low_hist is None else self._low_hist + split.low_hist
             self._sign_total += split.sign_total
             if split.deferred.shape[1]:
@@ -252,9 +259,10 @@ class Ties(MergeMethod):
         else:
             count = magnitude_keep_count(numel, self.params.density)
             cuts, majority = per_tensor_cuts(flats, count, self.params.tie_break), 1.0  # mergekit: γ = + where Σ ≥ 0
-        merged = torch.empty(numel, dtype=flats[0].dtype)
+        merged, work = torch.empty(numel, dtype=flats[0].dtype, device=flats[0].device), chunk_scratch(flats[0])
         for s in chunk_slices(numel, MERGE_CHUNK):
-            merged[s] = disjoint_merge_rows(self._trimmed_rows(flats, cuts, s), majority, self.params.disjoint)
+            rows = self._trimmed_rows(flats, cuts, s, work)
+            disjoint_merge_rows(rows, majority, self.params.disjoint, out=merged[s], scratch=work)
         merged = merged.reshape(taus[0].shape)
         return merged if self._row_scales is not None else merged.mul_(self._outer_scale)
 
@@ -272,9 +280,10 @@ class Ties(MergeMethod):
         """Keep |τ_t| ≥ κ_t (every tie) for each model."""
         return [MagnitudeCut(kappa) for kappa in self._global_thresholds()]
 
-    def _trimmed_rows(self, flats: Sequence[torch.Tensor], cuts: Sequence[MagnitudeCut], s: slice) -> list[torch.Tensor]:
+    def _trimmed_rows(self, flats: Sequence[torch.Tensor], cuts: Sequence[MagnitudeCut], s: slice,
+                      work: Scratch) -> list[torch.Tensor]:  # fmt: skip
         """The chunk ``s`` of every τ_t trimmed in place (and scaled by its λ_t when the λ_t differ)."""
-        rows = [cut.trim_(f[s]) for f, cut in zip(flats, cuts, strict=True)]
+        rows = [cut.trim_(f[s], work) for f, cut in zip(flats, cuts, strict=True)]
         if self._row_scales is None:
             return rows
         return [row.mul_(scale) for row, scale in zip(rows, self._row_scales, strict=True)]
