@@ -87,3 +87,13 @@ def tiny_bare_base(root: Path, seed: int = 0) -> Path:
     AutoModel.from_pretrained(classifier).save_pretrained(bare)
     AutoTokenizer.from_pretrained(classifier).save_pretrained(bare)
     return bare
+
+
+def two_task_bench(root: Path, per_class: int, epochs: int) -> dict:
+    """The shared part of a tiny bench config: a bare tiny base and two task folders (2 and 3 classes) in ``root``."""
+    bare = tiny_bare_base(root)
+    tasks = [write_task_folder(make_task(f"t{i}", num_classes=2 + i, per_class=per_class, seed=i), root / f"t{i}")
+             for i in range(2)]  # fmt: skip
+    return {"base": str(bare), "tasks": [{"name": f"t{i}", "path": str(p)} for i, p in enumerate(tasks)],
+            "data": {"fewshot_pool_per_class": 4},
+            "finetune": {"epochs": epochs, "lr": 3.0e-3, "max_length": 16, "batch_size": 8}}  # fmt: skip

@@ -25,7 +25,7 @@ from mergelab.evaluation.features import FeatureCache
 from mergelab.evaluation.protocols.registry import protocol_infos
 from mergelab.evaluation.results import ModelKind, summarize
 from mergelab.finetune import experts
-from tests._text_helpers import make_task, tiny_bare_base, write_task_folder
+from tests._text_helpers import two_task_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,13 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bench")
-    bare = tiny_bare_base(root)
-    tasks = [write_task_folder(make_task(f"t{i}", num_classes=2 + i, per_class=10, seed=i), root / f"t{i}") for i in range(2)]
     config = {
-        "base": str(bare),
-        "tasks": [{"name": f"t{i}", "path": str(p)} for i, p in enumerate(tasks)],
-        "data": {"fewshot_pool_per_class": 4},
-        "finetune": {"epochs": 3, "lr": 3.0e-3, "max_length": 16, "batch_size": 8},
+        **two_task_bench(root, per_class=10, epochs=3),
         "methods": [{"name": "weight_average"}, {"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}},
                     {"name": "ties", "params": {"density": 0.5}, "grid": {"scale": [0.5]}},
                     {"name": "regmean", "params": {"num_examples": 8}},

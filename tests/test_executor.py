@@ -79,14 +79,6 @@ def test_executor_config_validates():
         ExecutorConfig(kind="slurm")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_gives_the_local_results(local_ray):
     done: list[Done] = []
     results = run_units(graph(), done.append, ExecutorConfig(kind="ray"))

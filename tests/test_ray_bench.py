@@ -21,31 +21,18 @@ from mergelab.bench.executor import ExecutorConfig, Unit
 from mergelab.bench.runner import run_benchmark
 from mergelab.bench.store import ResultStore
 from mergelab.core.errors import ConfigError
-from tests._text_helpers import make_task, tiny_bare_base, write_task_folder
+from tests._text_helpers import two_task_bench
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = ExecutorConfig(kind="ray", max_retries=2)
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """A tiny bench (2 tasks, a grid search, a data-dependent merge, the multi-task model, NeuLig) run locally."""
     root = tmp_path_factory.mktemp("raybench")
-    bare = tiny_bare_base(root)
-    tasks = [write_task_folder(make_task(f"t{i}", num_classes=2 + i, per_class=8, seed=i), root / f"t{i}") for i in range(2)]
     config = {
-        "base": str(bare),
-        "tasks": [{"name": f"t{i}", "path": str(p)} for i, p in enumerate(tasks)],
-        "data": {"fewshot_pool_per_class": 4},
-        "finetune": {"epochs": 2, "lr": 3.0e-3, "max_length": 16, "batch_size": 8},
+        **two_task_bench(root, per_class=8, epochs=2),
         "methods": [{"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}},
                     {"name": "regmean", "params": {"num_examples": 8}}],
         "multitask": True,

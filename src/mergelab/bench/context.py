@@ -21,6 +21,15 @@ from mergelab.evaluation.types import TaskFeatures
 ALL_SPLITS = ("train", "validation", "test")
 
 
+def task_features(cache: FeatureCache, cfg: ExperimentConfig, pooling: str, task: Any, encoder: Any, fingerprint: str,
+                  splits: tuple[str, ...]) -> TaskFeatures:  # fmt: skip
+    """Features of ``encoder`` (or a lazy builder of it) on the ``splits`` that ``task`` has, from the cache when
+    there: how the local runner and a Ray worker both read them."""
+    present = tuple(s for s in splits if s in task.splits)
+    return cache.features(encoder, fingerprint, task, splits=present, max_length=cfg.eval_max_length,
+                          batch_size=cfg.batch_size, kind=pooling)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class RunContext:
     """One run: its config, folder and store, the expert pool, the few-shot ``eval_tasks`` (train split cut to
@@ -50,7 +59,5 @@ class RunContext:
         """Features of ``encoder`` (or a lazy builder of it) on the present ``splits`` of ``task``'s few-shot pool
         version, from the cache when there."""
         with self.timings.timed("features"):
-            return self.feature_cache.features(
-                encoder, fingerprint, self.eval_tasks[task], splits=self.present(task, splits),
-                max_length=self.cfg.eval_max_length, batch_size=self.cfg.batch_size, kind=self.pool.pooling,
-            )  # fmt: skip
+            return task_features(self.feature_cache, self.cfg, self.pool.pooling, self.eval_tasks[task], encoder,
+                                 fingerprint, splits)  # fmt: skip

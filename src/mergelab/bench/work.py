@@ -19,7 +19,7 @@ import torch
 from mergelab.bench.baselines import neulig_row, tsne_panel
 from mergelab.bench.cells import Cell, References, Subject, cell_row, key_of, own_accuracy, test_context
 from mergelab.bench.config import ExperimentConfig
-from mergelab.bench.context import ALL_SPLITS
+from mergelab.bench.context import ALL_SPLITS, task_features
 from mergelab.bench.methods import merge_state
 from mergelab.bench.pool import EXPERT_TRAINERS, Task
 from mergelab.bench.selection import score_on_validation
@@ -63,10 +63,7 @@ class UnitEnv:
 
     def features(self, encoder: Any, fingerprint: str, task: str, splits: tuple[str, ...]) -> TaskFeatures:
         """``RunContext.features`` on a worker: from the cache, computed (by a lazy ``encoder``) when absent."""
-        present = tuple(s for s in splits if s in self.eval_tasks[task].splits)
-        return self.cache().features(encoder, fingerprint, self.eval_tasks[task], splits=present,
-                                     max_length=self.cfg.eval_max_length, batch_size=self.cfg.batch_size,
-                                     kind=self.pooling)  # fmt: skip
+        return task_features(self.cache(), self.cfg, self.pooling, self.eval_tasks[task], encoder, fingerprint, splits)
 
     def cached(self, fingerprint: str, task: str, splits: tuple[str, ...]) -> TaskFeatures:
         """Features an earlier unit wrote (read by key); absent means the cache is not shared with that unit."""
