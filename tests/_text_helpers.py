@@ -97,3 +97,17 @@ def two_task_bench(root: Path, per_class: int, epochs: int) -> dict:
     return {"base": str(bare), "tasks": [{"name": f"t{i}", "path": str(p)} for i, p in enumerate(tasks)],
             "data": {"fewshot_pool_per_class": 4},
             "finetune": {"epochs": epochs, "lr": 3.0e-3, "max_length": 16, "batch_size": 8}}  # fmt: skip
+
+
+def tiny_clip_config(tokenizer):  # noqa: ANN001, ANN201
+    """A tiny HF CLIPConfig (32-wide towers, 32 px images in 8 px patches) for the word-level test tokenizer."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, eos_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+    )  # fmt: skip

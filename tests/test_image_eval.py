@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from mergelab.cli import app
 from mergelab.data.images import load_image_task
+from tests._text_helpers import tiny_clip_config
 
 CLASSES = ("circle", "square", "stripe")
 
@@ -115,20 +116,13 @@ def test_image_eval_with_a_wrong_label_set_is_one_line(tmp_path):
 
 
 def tiny_clip_folder(folder):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPImageProcessor, CLIPModel
 
     from tests._text_helpers import write_tokenizer
 
     tokenizer = write_tokenizer(folder)
     torch.manual_seed(3)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, eos_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=24,
-    )  # fmt: skip
+    config = tiny_clip_config(tokenizer)
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder, tokenizer

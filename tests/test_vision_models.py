@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 from transformers import (
     BertTokenizerFast,
-    CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
     ConvNextConfig,
@@ -26,7 +25,7 @@ from mergelab.models.vision import (
     zero_shot_head,
     zero_shot_weights,
 )
-from tests._text_helpers import write_tokenizer
+from tests._text_helpers import tiny_clip_config, write_tokenizer
 
 
 def tiny_vit(num_labels: int = 3) -> ViTForImageClassification:
@@ -89,14 +88,7 @@ def test_an_image_classifier_no_rule_fits_is_refused_naming_from_modules():
 def tiny_clip(tmp_path):
     tokenizer: BertTokenizerFast = write_tokenizer(tmp_path)
     torch.manual_seed(2)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, eos_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=24,
-    )  # fmt: skip
+    config = tiny_clip_config(tokenizer)
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return CLIPModel(config).eval(), tokenizer, processor
 
