@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ TINY_BERT = dict(
     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
     max_position_embeddings=32, type_vocab_size=2,
 )  # fmt: skip
+
+
+def pytest_configure(config):
+    """Fused merge steps run eagerly in tests (same arithmetic, no compile per test process); tests/test_fused.py
+    compiles them and checks the compiled results equal these."""
+    os.environ.setdefault("MERGELAB_COMPILE", "0")
 
 
 def tiny_bert_config(num_labels: int = 3) -> BertConfig:

@@ -189,24 +189,42 @@ def test_zero_sign_sums_go_to_plus_per_tensor_and_to_the_majority_globally():
     assert global_.tolist() == [-0.5, -2.0, -2.0, -2.0]  # FusionBench: γ = 0 → majority sign (−)
 
 
+@pytest.mark.parametrize("grid", [True, False])
 @pytest.mark.parametrize("scale", [0.3, [1.0, -0.5, 2.0]])
 @pytest.mark.parametrize("disjoint", ["sum", "mean"])
-def test_global_sign_statistics_carried_by_pass_one_equal_the_third_pass(monkeypatch, scale, disjoint):
+def test_global_counting_pass_equals_the_exact_radix_passes(monkeypatch, grid, scale, disjoint):
     import mergelab.merging.methods.ties as ties_module
 
     generator = torch.Generator().manual_seed(11)
     base = {n: torch.round(torch.randn(s, generator=generator) * 8) / 8 for n, s in [("a", (40, 30)), ("b", (77,))]}
-    models = [{n: t + torch.round(torch.randn(t.shape, generator=generator) * 4) / 8 for n, t in base.items()}
-              for _ in range(3)]  # fmt: skip  (a 1/8 grid: many |τ| tie with κ and many sums cancel exactly)
+    step = (lambda x: torch.round(x * 4) / 8) if grid else (lambda x: x / 8)  # a 1/8 grid: ties with κ, exact cancels
+    models = [{n: t + step(torch.randn(t.shape, generator=generator)) for n, t in base.items()} for _ in range(3)]
     params = TiesParams(density=0.3, scope="global", disjoint=disjoint, scale=scale)
-    fused = Ties(params, 3)
-    got = drive(fused, base, models)
-    assert fused._fused and not fused.pass_needed(2)
+    bracketed = Ties(params, 3)
+    got = drive(bracketed, base, models)
+    assert not bracketed._bracket_failed and not bracketed.pass_needed(2)  # the sample's bracket held
     taus = torch.stack([torch.cat([(m[n] - base[n]).reshape(-1) for n in base]) for m in models])
-    assert bool((taus.abs() == fused.thresholds.unsqueeze(1)).any(1).all())  # every row has entries in its κ bin
-    monkeypatch.setattr(ties_module, "DEFER_BYTES", 0)  # nothing may be deferred: the third pass runs
-    three = Ties(params, 3)
-    expected = drive(three, base, models)
-    assert not three._fused and three.pass_needed(2)
-    assert three._majority == fused._majority and three._sign_total == fused._sign_total
+    if grid:
+        assert bool((taus.abs() == bracketed.thresholds.unsqueeze(1)).any(1).all())  # every κ_t has ties
+    monkeypatch.setattr(ties_module, "DEFER_BYTES", 0)  # nothing may be held: the exact passes run
+    exact = Ties(params, 3)
+    expected = drive(exact, base, models)
+    assert exact._bracket_failed and exact.pass_needed(2) is False  # ran, then settled
+    assert exact._majority == bracketed._majority and exact._sign_total == bracketed._sign_total
+    assert torch.equal(exact.thresholds, bracketed.thresholds)
     assert all(torch.equal(got[n], expected[n]) for n in base)
+
+
+def test_global_bracket_that_misses_kappa_falls_back_to_the_exact_passes(monkeypatch):
+    from mergelab.merging.ops import Bracket
+
+    generator = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(50, 20, generator=generator)}
+    models = [{"w": base["w"] + torch.randn(50, 20, generator=generator) * 0.1} for _ in range(3)]
+    params = TiesParams(density=0.2, scope="global")
+    expected = drive(Ties(params, 3), base, models)
+    monkeypatch.setattr(Bracket, "guess", classmethod(lambda cls, sample, keep: cls(10.0, 11.0)))  # far above κ
+    missed = Ties(params, 3)
+    got = drive(missed, base, models)
+    assert missed._bracket_failed
+    assert torch.equal(got["w"], expected["w"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.io.formats import CheckpointReader
+from mergelab.io.formats import CheckpointReader, borrowed
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,9 @@ class AlignedReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(self.source_name(name))
+
+    def view(self, name: str) -> torch.Tensor:
+        return borrowed(self.inner, self.source_name(name))
 
 
 def align(reference: CheckpointReader, model: CheckpointReader) -> AlignedReader:

@@ -7,13 +7,16 @@ per pass (calling ``end_pass`` after each) before the merging pass. Nothing here
 
 The tensors handed to ``observe`` and ``merge_tensor`` are fresh float32 copies owned by the method: it may
 overwrite them in place (e.g. turn θ_t into τ_t with ``task_vectors(..., in_place=True)``) to keep peak memory near
-(T + 2) tensors, and it works on large tensors in chunks (``CHUNK`` entries) so that temporaries stay small.
+(T + 2) tensors, and it works on large tensors in chunks (``CHUNK`` entries) so that temporaries stay small. A
+method that only reads them declares ``borrows_inputs = True``: it is then handed the checkpoint's float32 tensors
+mapped from their files where it can be (no copy), and must never write into them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -32,6 +35,8 @@ def chunk_slices(numel: int, chunk: int = CHUNK) -> list[slice]:
 class MergeMethod(Method, ABC):
     """A streaming method: its ``spec`` (``runs="streaming"``, ``reads="nothing"``) declares it; ``merge_tensor``
     does the maths per tensor."""
+
+    borrows_inputs: ClassVar[bool] = False  # True: never writes into its inputs, which may then be mapped read-only
 
     def num_stat_passes(self) -> int:
         """How many statistics passes over all tensors the method needs before merging (default 0)."""

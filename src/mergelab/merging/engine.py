@@ -3,7 +3,8 @@
 For each selected tensor the engine loads the base tensor and the T fine-tuned tensors (as float32), hands them to
 the method, casts the result to the output dtype and yields it. A reader thread loads the inputs ahead, at most
 ``prefetch`` tensors queued plus one being read (``api.merge_streaming`` adds a writer thread holding one output
-queued plus one being written). Peak memory is about (T + 2) × the largest tensor inline, plus prefetch + 1 read
+queued plus one being written). A method that only reads its inputs (``borrows_inputs``) gets them mapped from
+safetensors files rather than copied. Peak memory is about (T + 2) × the largest tensor inline, plus prefetch + 1 read
 ahead and 2 being written: independent of the number of tensors in the model. Methods with whole-model statistics
 first stream all selected tensors through ``observe`` once per statistics pass (inputs are checked for NaN/Inf
 the first time they are read; a pass the method no longer needs, ``pass_needed``, is neither read nor observed).
@@ -19,7 +20,7 @@ import torch
 from mergelab.core.device import CPU
 from mergelab.core.errors import CheckpointError
 from mergelab.io.alignment import AlignedReader, align
-from mergelab.io.formats import prefetched
+from mergelab.io.formats import borrowed, prefetched
 from mergelab.io.reader import CheckpointReader
 from mergelab.io.writer import TensorSpec
 from mergelab.merging.base import MergeMethod
@@ -96,9 +97,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _load_float(reader: CheckpointReader, name: str, allow_nonfinite: bool, device: torch.device) -> torch.Tensor:
-    """One input tensor as float32 on ``device`` (moved in its stored dtype, cast there), checked for NaN/Inf."""
-    tensor = reader.get(name)
+def _load_float(reader: CheckpointReader, name: str, allow_nonfinite: bool, device: torch.device,
+                borrow: bool = False) -> torch.Tensor:  # fmt: skip
+    """One input tensor as float32 on ``device`` (moved in its stored dtype, cast there), checked for NaN/Inf;
+    ``borrow``: the reader's read-only view where it has one (no copy when already float32 on the CPU)."""
+    tensor = borrowed(reader, name) if borrow else reader.get(name)
     if device.type != "cpu":
         tensor = tensor.to(device, non_blocking=False)
     tensor = tensor.to(torch.float32)
@@ -141,7 +144,7 @@ def _loader(method: MergeMethod, allow_nonfinite: bool, device: torch.device) ->
         if item.pass_index is not None and not method.pass_needed(item.pass_index):
             return None  # a pass the method found unnecessary: not read
         if item.dtype is None:
-            return _load_float(item.reader, item.name, allow_nonfinite or not item.check, device)
+            return _load_float(item.reader, item.name, allow_nonfinite or not item.check, device, method.borrows_inputs)
         return item.reader.get(item.name).to(item.dtype)
 
     return load

@@ -7,6 +7,8 @@
 * TALL masks and the consensus mask (Consensus merging, ``tall_consensus``, TALL-mask reconstructions).
 * One exact k-th smallest |x| routine family over float32 magnitudes (two radix passes over the bit patterns):
   ``radix_select`` and the two views of it, ``kth_smallest_magnitude`` (per row) and ``magnitude_cut`` (one tensor).
+* Brackets: an interval [low, high] guessed from a uniform sample of |x| that holds κ, so that one counting pass
+  (``band_cut``) finds κ exactly from the entries inside it (TIES' fast paths; a miss falls back to the radix).
 * DARE: a drop mask that is a deterministic function of (seed, model index, tensor name).
 * CART: truncated SVD with a rank from a ratio of min(m, n) or from an energy (σ²) share.
 
@@ -19,7 +21,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -28,7 +30,9 @@ from mergelab.core.errors import ConfigError, MergelabError
 
 RADIX_BITS = 16
 RADIX_BINS = 1 << RADIX_BITS
-RADIX_CHUNK = 1 << 22  # entries per radix-histogram chunk of one tensor
+RADIX_CHUNK = 1 << 18  # entries per radix-histogram chunk of one tensor (1 MB of float32: stays in cache)
+SAMPLE_TARGET = 1 << 16  # entries sampled per row to bracket a magnitude cut
+BRACKET_SIGMAS = 4.0  # half-width of that bracket, in binomial standard deviations of the sample rank
 _LOW_MASK = RADIX_BINS - 1
 
 
@@ -85,16 +89,129 @@ def magnitude_keep_count(num_entries: int, density: float) -> int:
 TieBreak = Literal["index", "argsort"]
 
 
-def magnitude_cut(values: torch.Tensor, count: int) -> tuple[torch.Tensor, int, int]:
-    """(κ, greater, tied) for keeping ``count`` entries of largest |x| of a float32 tensor (0 < count < n): κ is the
-    ``count``-th largest |x|, ``greater`` the entries with |x| > κ and ``tied`` those with |x| = κ, all from one
-    O(n) radix selection (two passes). The cut straddles ties when greater + tied > count."""
-    flat = values.reshape(-1)
-    n, k = flat.numel(), flat.numel() - count + 1  # κ is the k-th smallest |x|
-    pieces = [flat[i : i + RADIX_CHUNK].unsqueeze(0) for i in range(0, n, RADIX_CHUNK)]
-    kappa, rank_among_equals, tied = _radix_select_counts(pieces, torch.tensor([k], device=values.device))
+@dataclass(frozen=True)
+class TaskRow:
+    """One tensor's τ_t, flat, produced chunk by chunk: ``model − base`` from inputs that are only read (each chunk
+    computed into a caller's buffer), or, with ``base`` None, a τ_t the caller owns (chunks are views of it, and a
+    trim overwrites them)."""
+
+    model: torch.Tensor
+    base: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.model.numel()
+
+    def piece(self, s: slice, buffer: torch.Tensor) -> torch.Tensor:
+        """τ_t[s]: computed into ``buffer`` (at least ``s``'s length) for a difference, the owned slice otherwise."""
+        if self.base is None:
+            return self.model[s]
+        return torch.sub(self.model[s], self.base[s], out=buffer[: s.stop - s.start])
+
+    def whole(self) -> torch.Tensor:
+        """τ_t as one tensor: the owned tensor itself, or a new difference."""
+        return self.model if self.base is None else self.model - self.base
+
+
+class _RowPieces(Sequence[torch.Tensor]):
+    """``[1, chunk]`` pieces of a :class:`TaskRow` for the radix passes, computed on access into one buffer (each piece
+    is used before the next is asked for)."""
+
+    def __init__(self, row: TaskRow, chunk: int) -> None:
+        self.row, self.chunk = row, chunk
+        self.buffer = row.model.new_empty(min(chunk, row.numel)) if row.base is not None else row.model
+
+    def __len__(self) -> int:
+        return max(1, -(-self.row.numel // self.chunk))
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.chunk
+        return self.row.piece(slice(start, min(start + self.chunk, self.row.numel)), self.buffer).unsqueeze(0)
+
+
+def sample_magnitudes(row: TaskRow, target: int = SAMPLE_TARGET) -> torch.Tensor:
+    """|τ_t| at about ``target`` evenly strided positions of the row (an odd stride; every entry of a short row)."""
+    step = max(1, row.numel // target) | 1
+    model = row.model[::step]
+    return (model - row.base[::step]).abs_() if row.base is not None else model.abs()
+
+
+@dataclass(frozen=True)
+class Bracket:
+    """A guessed interval [low, high] holding a row's κ (0 < low): entries with |x| > high are kept whatever κ is
+    inside it, entries below low dropped, and those in between (ties at either end included) stay open until κ is
+    exact. A guess from a sample: the counts of a full pass check it (:func:`band_cut`)."""
+
+    low: float
+    high: float
+    low_cut: float = field(init=False)  # the float32 just below ``low``: threshold(x, low_cut) keeps x ≥ low
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "low_cut", _below(self.low))
+
+    @classmethod
+    def guess(cls, sample: torch.Tensor, keep_fraction: float) -> Bracket | None:
+        """From a uniform ``sample`` of |x|: the sample's order statistics ``BRACKET_SIGMAS`` binomial standard
+        deviations (plus 8 ranks) either side of the ``keep_fraction`` share kept (high = +inf past the top);
+        None where the low end reaches 0 (many exact zeros, or density near 1)."""
+        m = sample.numel()
+        centre = keep_fraction * m
+        margin = BRACKET_SIGMAS * math.sqrt(keep_fraction * (1.0 - keep_fraction) * m) + 8.0
+        above, below = math.floor(centre - margin), math.ceil(centre + margin)  # ranks from the top
+        if below > m:
+            return None
+        low = float(sample.kthvalue(m - below + 1).values)
+        high = float(sample.kthvalue(m - above + 1).values) if above >= 1 else math.inf
+        return cls(low, high) if low > 0.0 else None
+
+    def split(self, magnitudes: torch.Tensor, keep: torch.Tensor, band: torch.Tensor) -> None:
+        """Fill ``keep`` with 1.0 where |x| > high (else 0.0) and ``band`` with |x| where low ≤ |x| ≤ high (else
+        0.0), from ``magnitudes`` (float arithmetic: ``threshold`` keeps x > t; several times cheaper than boolean
+        masks on CPU)."""
+        torch.threshold(magnitudes, self.high, 0.0, out=keep)
+        torch.threshold(magnitudes, self.low_cut, 0.0, out=band).sub_(keep)
+        keep.sign_()
+
+    def inside(self, values: torch.Tensor) -> torch.Tensor:
+        """The |x| of ``values`` inside [low, high]."""
+        magnitudes = values.abs()
+        return magnitudes[(magnitudes >= self.low) & (magnitudes <= self.high)]
+
+
+def _below(value: float) -> float:
+    """The float32 just below a positive ``value`` (+inf stays +inf)."""
+    if math.isinf(value):
+        return value
+    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(0.0)))
+
+
+def band_cut(band: torch.Tensor, above: int, count: int) -> tuple[torch.Tensor, int, int] | None:
+    """(κ, greater, tied) of the ``count``-th largest |x| of a row, given how many |x| lie ``above`` its bracket and
+    the |x| inside it (``band``); None when κ is not inside (the bracket missed)."""
+    need = count - above
+    if not 1 <= need <= band.numel():
+        return None
+    kappa = band.kthvalue(band.numel() - need + 1).values
+    return kappa, above + int((band > kappa).sum()), int((band == kappa).sum())
+
+
+def row_magnitude_cut(row: TaskRow, count: int) -> tuple[torch.Tensor, int, int]:
+    """(κ, greater, tied) for keeping ``count`` entries of largest |τ_t| of one float32 :class:`TaskRow`
+    (0 < count < n): κ is the ``count``-th largest |x|, ``greater`` the entries with |x| > κ and ``tied`` those with
+    |x| = κ, all from one O(n) radix selection (two passes, chunk by chunk). The cut straddles ties when
+    greater + tied > count."""
+    n, k = row.numel, row.numel - count + 1  # κ is the k-th smallest |x|
+    ranks = torch.tensor([k], device=row.model.device)
+    kappa, rank_among_equals, tied = _radix_select_counts(_RowPieces(row, RADIX_CHUNK), ranks)
     less = k - int(rank_among_equals[0])
     return kappa[0], n - less - int(tied[0]), int(tied[0])
+
+
+def magnitude_cut(values: torch.Tensor, count: int) -> tuple[torch.Tensor, int, int]:
+    """:func:`row_magnitude_cut` of a float32 tensor of any shape."""
+    return row_magnitude_cut(TaskRow(values.reshape(-1)), count)
 
 
 def top_magnitude_threshold(values: torch.Tensor, count: int) -> torch.Tensor | None:
@@ -168,29 +285,36 @@ def scratch_for(piece: torch.Tensor, scratch: Scratch | None) -> Scratch:
 class MagnitudeCut:
     """Which entries of one flat tensor a TIES trim keeps, applied chunk by chunk in index order: |x| > κ, and of the
     entries with |x| = κ the first ``quota`` (``tied`` of them lie ahead). ``quota ≥ tied`` keeps every tie: a plain
-    threshold, as the global scope (|x| ≥ κ); ``keep_none`` drops everything (density 0)."""
+    threshold, as the global scope (|x| ≥ κ); ``keep_none`` drops everything (density 0); ``keep``, a flat bool mask
+    of the kept entries, overrides the rest (mergekit's argsort order where ties straddle the cut)."""
 
     kappa: torch.Tensor
     quota: int = sys.maxsize
     tied: int = 0
     keep_none: bool = False
+    keep: torch.Tensor | None = None
+    offset: int = 0  # entries trimmed so far (where the next chunk starts)
 
     @classmethod
-    def top(cls, values: torch.Tensor, count: int) -> MagnitudeCut:
-        """Exactly ``count`` entries of largest |x| of a float32 tensor, ties at the cut kept in index order."""
-        n = values.numel()
+    def top(cls, row: TaskRow, count: int) -> MagnitudeCut:
+        """Exactly ``count`` entries of largest |τ_t| of a float32 row, ties at the cut kept in index order."""
+        n = row.numel
         if count <= 0 or n == 0:
             return cls(torch.zeros(()), keep_none=True)
         if count >= n:
             return cls(torch.zeros(()))
-        kappa, greater, tied = magnitude_cut(values, count)
+        kappa, greater, tied = row_magnitude_cut(row, count)
         return cls(kappa, count - greater, tied)
 
     def trim_(self, piece: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """Zero, in place, the entries of the next chunk ``piece`` (1-D, in index order) that the cut drops."""
+        n = piece.numel()
+        start, self.offset = self.offset, self.offset + n
+        if self.keep is not None:
+            return piece.masked_fill_(~self.keep[start : start + n], 0.0)
         if self.keep_none:
             return piece.zero_()
-        work, n = scratch_for(piece, scratch), piece.numel()
+        work = scratch_for(piece, scratch)
         magnitudes = torch.abs(piece, out=work("magnitudes", n))
         if self.quota >= self.tied:  # every tie ahead fits
             return piece.mul_(at_least(magnitudes, self.kappa, out=work("gate", n)))
@@ -203,14 +327,12 @@ class MagnitudeCut:
         return piece
 
 
-def top_cut(flat: torch.Tensor, count: int, tie_break: TieBreak = "index") -> MagnitudeCut:
-    """The per-tensor trim of a flat float32 tensor: its exact top-``count`` cut (:meth:`MagnitudeCut.top`). With
-    ``tie_break="argsort"`` and ties straddling the cut, mergekit's argsort selection is applied here, in place, and
-    the returned cut keeps everything."""
-    cut = MagnitudeCut.top(flat, count)
+def top_cut(row: TaskRow, count: int, tie_break: TieBreak = "index") -> MagnitudeCut:
+    """The per-tensor trim of a float32 :class:`TaskRow`: its exact top-``count`` cut (:meth:`MagnitudeCut.top`).
+    With ``tie_break="argsort"`` and ties straddling the cut, the cut keeps mergekit's argsort selection instead."""
+    cut = MagnitudeCut.top(row, count)
     if tie_break == "argsort" and not cut.keep_none and cut.quota < cut.tied:
-        flat.masked_fill_(~top_magnitude_order_mask(flat, count), 0.0)
-        return MagnitudeCut(torch.zeros(()))
+        return MagnitudeCut(torch.zeros(()), keep=top_magnitude_order_mask(row.whole(), count).reshape(-1))
     return cut
 
 
@@ -221,7 +343,7 @@ def keep_top_magnitudes_(values: torch.Tensor, count: int, chunk: int = 1 << 22,
     if not values.is_contiguous():
         return values.masked_fill_(~top_magnitude_mask(values, count, tie_break), 0.0)
     flat = values.view(-1)
-    cut = top_cut(flat, count, tie_break)
+    cut = top_cut(TaskRow(flat), count, tie_break)
     for start in range(0, flat.numel(), chunk):
         cut.trim_(flat[start : start + chunk])
     return values
@@ -483,45 +605,6 @@ def _radix_select_counts(chunks: Sequence[torch.Tensor], ranks: torch.Tensor
     low_bins, rank_among_equals = locate_rank(low_hist, within)
     equal = low_hist.gather(1, low_bins.unsqueeze(1)).squeeze(1)
     return bits_to_float(high_bins, low_bins), rank_among_equals, equal
-
-
-def bin_bounds(high_bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, [lo_t, hi_t): the float32 magnitudes whose high 16 bits equal ``high_bins[t]``."""
-    zeros = torch.zeros_like(high_bins)
-    return bits_to_float(high_bins, zeros), bits_to_float(high_bins + 1, zeros)
-
-
-@dataclass
-class BinSplit:
-    """One chunk of TIES' fused low-bits + sign pass: the low-16-bit histogram ``[T, 65536]`` of each row's entries
-    in its threshold's high bin, Σ_p sign(Σ_t τ̂_t) over the positions where no row has an entry in that bin (their
-    trim is already certain), and the ``[T, m]`` τ values at the m positions where one has (decided later)."""
-
-    low_hist: torch.Tensor
-    sign_total: int
-    deferred: torch.Tensor
-
-
-def split_at_bins(rows: Sequence[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, scales: Sequence[float] | None,
-                  scratch: Scratch | None = None) -> BinSplit:  # fmt: skip
-    """:class:`BinSplit` of one chunk of the T float32 rows, given each row's threshold bin [lo_t, hi_t): entries
-    at or above hi_t are kept whatever κ_t turns out to be, entries below lo_t dropped. ``scales``: λ_t applied to
-    the trimmed rows before the election (None: one λ, factored out)."""
-    n = rows[0].numel()
-    work = scratch_for(rows[0], scratch)
-    total, magnitudes, kept = work("total", n), work("magnitudes", n), work("gate", n)
-    hists, touched = [], None
-    for t, row in enumerate(rows):
-        torch.abs(row, out=magnitudes)
-        in_bin = (magnitudes >= lo[t]) & (magnitudes < hi[t])
-        hists.append(torch.bincount(row[in_bin].view(torch.int32) & _LOW_MASK, minlength=RADIX_BINS))
-        at_least(magnitudes, hi[t], out=kept).mul_(row)
-        if scales is not None:
-            kept.mul_(scales[t])
-        total.add_(kept) if t else total.copy_(kept)
-        touched = in_bin if touched is None else touched.logical_or_(in_bin)
-    sign_total = round(float(total.sign_().mul_(~touched).sum(dtype=torch.float64)))
-    return BinSplit(torch.stack(hists), sign_total, torch.stack([row[touched] for row in rows]))
 
 
 def radix_select(chunks: Sequence[torch.Tensor], ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

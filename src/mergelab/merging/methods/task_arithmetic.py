@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from mergelab.merging.base import FUSED_CHUNK, MergeMethod, chunk_slices, per_model_values
-from mergelab.merging.ops import require_base, task_vectors
+from mergelab.merging.ops import Scratch, require_base
 from mergelab.merging.spec import MethodParams, MethodSpec
 
 
@@ -30,6 +30,7 @@ class TaskArithmetic(MergeMethod):
         "task_arithmetic", "Task arithmetic: base plus λ times the sum of the task vectors", TaskArithmeticParams
     )
     params: TaskArithmeticParams
+    borrows_inputs = True  # τ_t chunks are computed into scratch buffers: the inputs are only read
 
     def __init__(self, params: TaskArithmeticParams, num_models: int) -> None:
         super().__init__(params, num_models)
@@ -50,11 +51,13 @@ class TaskArithmetic(MergeMethod):
         return delta
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
-        """θ₀ + Σ_t λ_t τ_t in place, in cache-sized chunks (every step is elementwise: the same bits as whole
-        tensors, with the inputs read from memory once instead of once per step)."""
-        base = require_base(base, self.name).contiguous()
-        flat_base, flats = base.view(-1), [m.contiguous().view(-1) for m in models]
+        """θ₀ + Σ_t λ_t τ_t into a new tensor, in cache-sized chunks with τ_t in scratch buffers (every step is
+        elementwise: the same bits as whole tensors, with the inputs read once and never written)."""
+        base = require_base(base, self.name)
+        flat_base, flats = base.reshape(-1), [m.reshape(-1) for m in models]
+        out, work = flat_base.new_empty(flat_base.numel()), Scratch(min(flat_base.numel(), FUSED_CHUNK), flat_base)
         for s in chunk_slices(flat_base.numel(), FUSED_CHUNK):
-            piece = flat_base[s]
-            piece.add_(self.merge_task_vectors(name, task_vectors(piece, [f[s] for f in flats], in_place=True)))
-        return base
+            n = s.stop - s.start
+            taus = [torch.sub(f[s], flat_base[s], out=work(f"tau{t}", n)) for t, f in enumerate(flats)]
+            torch.add(flat_base[s], self.merge_task_vectors(name, taus), out=out[s])
+        return out.view(base.shape)

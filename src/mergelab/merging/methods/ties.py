@@ -12,11 +12,14 @@ from pydantic import Field, model_validator
 
 from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
+from mergelab.merging.fused import FusedStep, ties_step
 from mergelab.merging.ops import (
+    Bracket,
     MagnitudeCut,
     Scratch,
+    TaskRow,
     TieBreak,
-    bin_bounds,
+    band_cut,
     bits_to_float,
     disjoint_merge_rows,
     locate_rank,
@@ -24,10 +27,9 @@ from mergelab.merging.ops import (
     majority_sign,
     radix_histogram,
     require_base,
+    sample_magnitudes,
     scale_rows,
     sign_total_rows,
-    split_at_bins,
-    task_vectors,
     top_cut,
     trim,
     trim_rank,
@@ -37,29 +39,62 @@ from mergelab.merging.spec import MethodParams, MethodSpec
 Scope = Literal["global", "per_tensor"]
 Disjoint = Literal["sum", "mean"]
 
-_HIGH_PASS, _LOW_PASS, _SIGN_PASS = 0, 1, 2
+# Global statistics passes: a sample and one counting pass, or (where the sample's bracket misses κ_t) the exact
+# radix passes and a sign pass.
+_SAMPLE_PASS, _BRACKET_PASS, _HIGH_PASS, _LOW_PASS, _SIGN_PASS = range(5)
 
 
 PARALLEL_MIN = 1 << 20  # entries per tensor from which the T per-tensor selections run in parallel threads
-DEFER_BYTES = 1 << 28  # τ values global TIES may hold between passes 1 and its end (else a third pass runs)
-MERGE_CHUNK = 1 << 20  # entries per chunk of the fused trim-elect-merge loop (4 MB of float32: stays in cache)
+DEFER_BYTES = 1 << 28  # τ values global TIES may hold over its counting pass (beyond it: the exact passes run)
+GLOBAL_SAMPLE = 1 << 22  # |τ_t| values global TIES samples per model to bracket κ_t
+BRACKET_MIN = 1 << 16  # entries from which a per-tensor merge brackets κ_t from a sample instead of selecting first
+MERGE_CHUNK = 1 << 18  # entries per chunk of the eager trim-elect-merge loop (1 MB of float32: stays in cache)
+FUSED_PASS_CHUNK = 1 << 22  # entries per call of the fused step (no temporaries: fewer, larger calls)
 
 
-def chunk_scratch(flat: torch.Tensor) -> Scratch:
+def chunk_scratch(rows: Sequence[TaskRow]) -> Scratch:
     """Buffers for one tensor's fused chunk loop (chunks of at most ``MERGE_CHUNK`` entries)."""
-    return Scratch(min(flat.numel(), MERGE_CHUNK), flat)
+    return Scratch(min(rows[0].numel, MERGE_CHUNK), rows[0].model)
 
 
-def per_tensor_cuts(flats: Sequence[torch.Tensor], count: int, tie_break: TieBreak) -> list[MagnitudeCut]:
+def difference_rows(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[TaskRow]:
+    """τ_t = θ_t − θ₀ of one tensor, to compute chunk by chunk from inputs that are only read."""
+    flat_base = base.reshape(-1)
+    return [TaskRow(m.reshape(-1), flat_base) for m in models]
+
+
+def owned_rows(taus: Sequence[torch.Tensor]) -> list[TaskRow]:
+    """τ_t the method owns (DARE's dropped task vectors): trimmed in place."""
+    return [TaskRow(t.reshape(-1)) for t in taus]
+
+
+def row_pieces(rows: Sequence[TaskRow], s: slice, work: Scratch) -> list[torch.Tensor]:
+    """Chunk ``s`` of every τ_t, the differences computed into ``work``'s buffers."""
+    n = s.stop - s.start
+    return [row.piece(s, work(f"tau{t}", n)) for t, row in enumerate(rows)]
+
+
+def per_tensor_cuts(rows: Sequence[TaskRow], count: int, tie_break: TieBreak) -> list[MagnitudeCut]:
     """:func:`~mergelab.merging.ops.top_cut` of every τ_t, in parallel threads for large tensors (the radix passes, and the CPU
     argsort of ``tie_break="argsort"``, release the GIL); errors propagate.
 
     Measured with ``"argsort"`` at 3.2 GB (base + 3, 2 cores, ties straddling the cut in many tensors): 156 s and
     4.36 GB peak RSS in threads against 231 s and 2.94 GB one τ_t at a time (an int64 index per entry per sort)."""
-    if len(flats) < 2 or flats[0].numel() < PARALLEL_MIN:
-        return [top_cut(f, count, tie_break) for f in flats]
-    with ThreadPoolExecutor(max_workers=min(len(flats), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda f: top_cut(f, count, tie_break), flats))
+    if len(rows) < 2 or rows[0].numel < PARALLEL_MIN:
+        return [top_cut(row, count, tie_break) for row in rows]
+    with ThreadPoolExecutor(max_workers=min(len(rows), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda row: top_cut(row, count, tie_break), rows))
+
+
+def _base_of(rows: Sequence[TaskRow]) -> torch.Tensor | None:
+    return rows[0].base
+
+
+def _just_below(kappa: torch.Tensor) -> torch.Tensor:
+    """The float32 just below κ (so that |x| > it keeps |x| ≥ κ); −1 for κ = 0 (keep everything)."""
+    if float(kappa) <= 0.0:
+        return torch.tensor(-1.0)
+    return torch.nextafter(kappa.to(torch.float32), torch.tensor(0.0))
 
 
 class DeferredColumns:
@@ -69,15 +104,39 @@ class DeferredColumns:
     def __init__(self, rows: int, capacity: int) -> None:
         self.buffer, self.count = torch.empty(rows, capacity), 0
 
-    def append(self, columns: torch.Tensor) -> None:
+    def append(self, columns: torch.Tensor) -> bool:
+        """Add the columns; False (nothing added) when they would pass the bound."""
         width = columns.shape[1]
         if self.count + width > self.buffer.shape[1]:
-            raise MergelabError(f"TIES deferred {self.count + width} positions, more than the bound {self.buffer.shape[1]}")
+            return False
         self.buffer[:, self.count : self.count + width] = columns
         self.count += width
+        return True
 
     def values(self) -> torch.Tensor:
         return self.buffer[:, : self.count]
+
+
+class StridedSample:
+    """|τ_t| of every model at a fixed stride over all merged tensors, in order (a uniform sample of the whole model);
+    past ``cap`` values per model it keeps every other one and doubles the stride."""
+
+    def __init__(self, rows: int, cap: int, stride: int = 1) -> None:
+        self.cap, self.stride = cap, stride
+        self.parts: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        self.size = 0
+
+    def add(self, rows: Sequence[TaskRow]) -> None:
+        for part, row in zip(self.parts, rows, strict=True):
+            model = row.model[:: self.stride]
+            part.append((model - row.base[:: self.stride]).abs_() if row.base is not None else model.abs())
+        self.size += self.parts[0][-1].numel()
+        while self.size > self.cap:
+            self.parts = [[torch.cat(part)[::2].clone()] for part in self.parts]
+            self.size, self.stride = self.parts[0][0].numel(), self.stride * 2
+
+    def values(self, row: int) -> torch.Tensor:
+        return torch.cat(self.parts[row])
 
 
 class TiesParams(MethodParams):
@@ -144,6 +203,7 @@ class Ties(MergeMethod):
 
     spec = MethodSpec("ties", "TIES-Merging: trim to top-k, elect signs, merge sign-agreeing entries", TiesParams)
     params: TiesParams
+    borrows_inputs = True  # τ_t is computed chunk by chunk into scratch buffers: the inputs are only read
 
     def __init__(self, params: TiesParams, num_models: int) -> None:
         super().__init__(params, num_models)
@@ -155,6 +215,12 @@ class Ties(MergeMethod):
         self._row_scales = None if uniform else self.scales
         self._outer_scale = self.scales[0] if uniform else 1.0
         self._num_entries = 0
+        self._step = FusedStep(ties_step)
+        self._sample: StridedSample | None = None
+        self._brackets: list[Bracket] | None = None
+        self._bracket_failed = False  # the exact passes run instead of the counting pass
+        self._above = torch.zeros(num_models, dtype=torch.float64)
+        self._deferred: DeferredColumns | None = None
         self._high_hist: torch.Tensor | None = None
         self._high_bins: torch.Tensor | None = None
         self._low_ranks: torch.Tensor | None = None
@@ -162,104 +228,130 @@ class Ties(MergeMethod):
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0
         self._majority: float | None = None
-        self._fused = False  # the sign statistics ride on pass 1 (decided when pass 0 ends)
-        self._deferred: DeferredColumns | None = None
 
     def num_stat_passes(self) -> int:
-        return 3 if self.params.scope == "global" else 0
+        return 5 if self.params.scope == "global" else 0
 
     def pass_needed(self, pass_index: int) -> bool:
-        """The separate sign pass runs only where pass 1 could not carry it (see :meth:`end_pass`)."""
-        return not (pass_index == _SIGN_PASS and self._fused)
+        """The sample pass; the counting pass unless the sample could not bracket κ_t; the exact radix and sign
+        passes until the majority sign is known (the counting pass settles it where its brackets held). Each
+        answer only ever turns from True to False, as the engine's read-ahead needs."""
+        if pass_index == _SAMPLE_PASS:
+            return True
+        if pass_index == _BRACKET_PASS:
+            return not self._bracket_failed
+        return self._majority is None
 
     # -- engine interface -------------------------------------------------------------------------------------
 
     def observe(self, pass_index: int, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> None:
-        self.observe_task_vectors(pass_index, name, task_vectors(require_base(base, self.name), models, in_place=True))
+        self._observe_rows(pass_index, difference_rows(require_base(base, self.name), models))
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
         base = require_base(base, self.name)
-        return base.add_(self.merge_task_vectors(name, task_vectors(base, models, in_place=True)))
+        return self._merge(base.reshape(-1), [m.reshape(-1) for m in models]).view(base.shape)
 
     # -- task-vector interface (reused by DARE) ---------------------------------------------------------------
 
     def observe_task_vectors(self, pass_index: int, name: str, taus: Sequence[torch.Tensor]) -> None:
         """Accumulate the global statistics of one tensor's task vectors (global scope only), chunk by chunk."""
-        if self.params.scope != "global":
+        self._observe_rows(pass_index, owned_rows(taus))
+
+    def merge_task_vectors(self, name: str, taus: Sequence[torch.Tensor]) -> torch.Tensor:
+        """τ_m for one tensor (already scaled by λ), from the method's own τ_t (trimmed in place where needed)."""
+        return self._merge(None, [t.reshape(-1) for t in taus]).view(taus[0].shape)
+
+    # -- the passes, on task-vector rows ----------------------------------------------------------------------
+
+    def _observe_rows(self, pass_index: int, rows: Sequence[TaskRow]) -> None:
+        if self.params.scope != "global" or not self.pass_needed(pass_index):
             return
-        flats = [t.reshape(-1) for t in taus]
-        slices = chunk_slices(flats[0].numel())
-        if pass_index == _HIGH_PASS:
-            self._num_entries += flats[0].numel()
-            hist = sum(radix_histogram([f[s] for f in flats]) for s in slices)
-            self._high_hist = hist if self._high_hist is None else self._high_hist + hist
-        elif pass_index == _LOW_PASS and self._fused:
-            self._observe_low_and_signs(flats)
-        elif pass_index == _LOW_PASS:
-            if self._high_bins is not None:
-                hist = sum(radix_histogram([f[s] for f in flats], self._high_bins) for s in slices)
+        if pass_index == _SAMPLE_PASS:
+            self._num_entries += rows[0].numel
+            if self._sample is None:
+                self._sample = StridedSample(len(rows), GLOBAL_SAMPLE)
+            self._sample.add(rows)
+        elif pass_index == _BRACKET_PASS:
+            self._count_bracketed(rows)
+        elif pass_index == _SIGN_PASS:
+            high = self._exact_bounds()
+            self._sign_total += self._fused_pass(_base_of(rows), [r.model for r in rows], high, high, 0.0, False)[3]
+        else:
+            work = chunk_scratch(rows)
+            bins = self._high_bins if pass_index == _LOW_PASS else None
+            if pass_index == _LOW_PASS and bins is None:
+                return
+            hist = sum(radix_histogram(row_pieces(rows, s, work), bins) for s in chunk_slices(rows[0].numel, MERGE_CHUNK))
+            if pass_index == _HIGH_PASS:
+                self._high_hist = hist if self._high_hist is None else self._high_hist + hist
+            else:
                 self._low_hist = hist if self._low_hist is None else self._low_hist + hist
-        elif pass_index == _SIGN_PASS and not self._fused:
-            self._observe_signs(flats)
 
-    def _observe_signs(self, flats: Sequence[torch.Tensor]) -> None:
-        cuts, work = self._global_cuts(), chunk_scratch(flats[0])
-        for s in chunk_slices(flats[0].numel(), MERGE_CHUNK):
-            self._sign_total += sign_total_rows(self._trimmed_rows(flats, cuts, s, work), work)
-
-    def _observe_low_and_signs(self, flats: Sequence[torch.Tensor]) -> None:
-        """Pass 1 carrying the sign statistics: exact where the trim is already certain, deferred elsewhere."""
-        if self._high_bins is None:  # every entry kept: κ = 0 is known, the signs are exact now
-            self._observe_signs(flats)
+    def _count_bracketed(self, rows: Sequence[TaskRow]) -> None:
+        """Counting pass: |τ_t| above each bracket, Σ sign(S) where every trim is certain, the τ values where not."""
+        if self._brackets is None or self._deferred is None:  # failed part-way: the exact passes run
             return
-        lo, hi = bin_bounds(self._high_bins)
-        work = chunk_scratch(flats[0])
-        for s in chunk_slices(flats[0].numel(), MERGE_CHUNK):
-            split = split_at_bins([f[s] for f in flats], lo, hi, self._row_scales, work)
-            self._low_hist = split.low_hist if self._low_hist is None else self._low_hist + split.low_hist
-            self._sign_total += split.sign_total
-            if split.deferred.shape[1] and self._deferred is not None:
-                self._deferred.append(split.deferred)
+        base, models = _base_of(rows), [r.model for r in rows]
+        high = torch.tensor([b.high for b in self._brackets])
+        low_cut = torch.tensor([b.low_cut for b in self._brackets])
+        _, above, positions, signs = self._fused_pass(base, models, high, low_cut, 0.0, False)
+        self._above += torch.tensor(above, dtype=torch.float64)
+        self._sign_total += signs
+        at_base = base[positions] if base is not None else None
+        values = torch.stack([m[positions] - at_base if at_base is not None else m[positions] for m in models])
+        if not self._deferred.append(values):  # more open positions than the bound: the exact passes run
+            self._fail_bracket()
+
+    def _fail_bracket(self) -> None:
+        self._brackets, self._deferred, self._bracket_failed, self._sign_total = None, None, True, 0
 
     def end_pass(self, pass_index: int) -> None:
-        if self.params.scope != "global":
+        if self.params.scope != "global" or not self.pass_needed(pass_index):
             return
-        if pass_index == _HIGH_PASS:
-            k = trim_rank(self._num_entries, self.params.density)
-            if k < 1 or self._high_hist is None:
-                self._thresholds = torch.zeros(self.num_models)
+        k = trim_rank(self._num_entries, self.params.density)
+        if pass_index == _SAMPLE_PASS:
+            if self._sample is None:
+                raise MergelabError("TIES statistics pass 1 saw no tensor; stream every tensor in each pass")
+            if k < 1:  # keep everything: κ = 0, and the counting pass only sums the signs
+                self._brackets = [Bracket(-1.0, -1.0)] * self.num_models
             else:
-                ranks = torch.full((self.num_models,), k, dtype=torch.int64)
-                self._high_bins, self._low_ranks = locate_rank(self._high_hist, ranks)
-            self._fused = self._deferral_fits()
+                keep = (self._num_entries - k + 1) / self._num_entries  # κ is the (P − k + 1)-th largest |τ|
+                guesses = [Bracket.guess(self._sample.values(t), keep) for t in range(self.num_models)]
+                if any(g is None for g in guesses):
+                    self._fail_bracket()
+                else:
+                    self._brackets = guesses  # type: ignore[assignment]
+            if self._brackets is not None:
+                self._deferred = DeferredColumns(self.num_models, DEFER_BYTES // (4 * self.num_models))
+            self._sample = None
+        elif pass_index == _BRACKET_PASS and self._brackets is not None:
+            self._settle_bracketed(k)
+        elif pass_index == _HIGH_PASS and self._high_hist is not None:
+            ranks = torch.full((self.num_models,), k, dtype=torch.int64)
+            self._high_bins, self._low_ranks = locate_rank(self._high_hist, ranks)
             self._high_hist = None
-        elif pass_index == _LOW_PASS:
-            if self._thresholds is None:
-                if self._low_hist is None or self._high_bins is None or self._low_ranks is None:
-                    raise MergelabError("TIES statistics pass 1 saw no tensor; stream every tensor in each pass")
-                low_bins, _ = locate_rank(self._low_hist, self._low_ranks)
-                self._thresholds = bits_to_float(self._high_bins, low_bins)
+        elif pass_index == _LOW_PASS and self._low_hist is not None:
+            low_bins, _ = locate_rank(self._low_hist, self._low_ranks)  # type: ignore[arg-type]
+            self._thresholds = bits_to_float(self._high_bins, low_bins)  # type: ignore[arg-type]
             self._low_hist = None
-            if self._fused:
-                self._settle_deferred()
-        elif pass_index == _SIGN_PASS and not self._fused:
+        elif pass_index == _SIGN_PASS and self._majority is None:
             self._majority = majority_sign(self._sign_total)
 
-    def _deferral_fits(self) -> bool:
-        """Whether pass 1 can carry the sign statistics: the τ values it must hold until κ is known (at most every
-        entry in a threshold's high bin, T values each) fit in ``DEFER_BYTES``; else a third pass runs."""
-        if self._high_bins is None:
-            return True
-        in_bins = int(self._high_hist.gather(1, self._high_bins.unsqueeze(1)).sum())  # type: ignore[union-attr]
-        if in_bins * self.num_models * 4 > DEFER_BYTES:
-            return False
-        self._deferred = DeferredColumns(self.num_models, in_bins)  # positions touched ≤ entries in the bins
-        return True
-
-    def _settle_deferred(self) -> None:
-        """The sign statistics of the deferred positions, now that κ is exact; then the majority sign."""
-        thresholds = self._global_thresholds()
+    def _settle_bracketed(self, k: int) -> None:
+        """κ_t from the counts and the held τ values; their sign statistics with it, then the majority sign. Where
+        a bracket missed κ_t, the exact passes run instead."""
         values = self._deferred.values() if self._deferred is not None else torch.zeros(self.num_models, 0)
+        if k < 1:
+            thresholds = torch.zeros(self.num_models)
+        else:
+            count = self._num_entries - k + 1
+            cuts = [band_cut(b.inside(values[t]), round(float(self._above[t])), count)
+                    for t, b in enumerate(self._brackets)]  # type: ignore[arg-type]  # fmt: skip
+            if any(c is None for c in cuts):
+                self._fail_bracket()
+                return
+            thresholds = torch.stack([c[0] for c in cuts])  # type: ignore[index]
+        self._thresholds = thresholds
         for s in chunk_slices(values.shape[1], MERGE_CHUNK):
             trimmed = trim(values[:, s], thresholds)
             self._sign_total += sign_total_rows(list(trimmed if self._row_scales is None
@@ -267,26 +359,89 @@ class Ties(MergeMethod):
         self._deferred = None
         self._majority = majority_sign(self._sign_total)
 
-    def merge_task_vectors(self, name: str, taus: Sequence[torch.Tensor]) -> torch.Tensor:
-        """τ_m for one tensor (already scaled by λ): trim, elect and merge fused chunk by chunk (cache-sized chunks,
-        no stacked copies), in place on the method's own τ_t."""
-        flats = [t.reshape(-1) for t in taus]
-        numel = flats[0].numel()
+    def _exact_bounds(self) -> torch.Tensor:
+        """Per row, the float32 just below κ_t: |τ| above it keeps |τ| ≥ κ_t (every tie); −1 for κ_t = 0."""
+        return torch.stack([_just_below(kappa) for kappa in self._global_thresholds()])
+
+    def _merge(self, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        """θ₀ + λ·τ_m for one flat tensor (λ·τ_m without a base: ``models`` are then the method's own τ_t)."""
+        numel = models[0].numel()
         if self.params.scope == "global":
             if self._majority is None:
                 raise MergelabError(
                     "TIES with scope='global' needs its 3 statistics passes over every tensor before merging"
                 )
-            cuts, majority = self._global_cuts(), self._majority
-        else:
-            count = magnitude_keep_count(numel, self.params.density)
-            cuts, majority = per_tensor_cuts(flats, count, self.params.tie_break), 1.0  # mergekit: γ = + where Σ ≥ 0
-        merged, work = torch.empty(numel, dtype=flats[0].dtype, device=flats[0].device), chunk_scratch(flats[0])
+            high = self._exact_bounds()
+            return self._fused_pass(base, models, high, high, self._majority)[0]
+        count = magnitude_keep_count(numel, self.params.density)
+        if 0 < count < numel and numel >= BRACKET_MIN:
+            merged = self._merge_bracketed(base, models, count)
+            if merged is not None:
+                return merged
+        rows = [TaskRow(m, base) for m in models] if base is not None else owned_rows(models)
+        cuts = per_tensor_cuts(rows, count, self.params.tie_break)
+        merged, work = models[0].new_empty(numel), chunk_scratch(rows)
         for s in chunk_slices(numel, MERGE_CHUNK):
-            rows = self._trimmed_rows(flats, cuts, s, work)
-            disjoint_merge_rows(rows, majority, self.params.disjoint, out=merged[s], scratch=work)
-        merged = merged.reshape(taus[0].shape)
-        return merged if self._row_scales is not None else merged.mul_(self._outer_scale)
+            trimmed = self._trimmed_rows(rows, cuts, s, work)
+            disjoint_merge_rows(trimmed, 1.0, self.params.disjoint, out=merged[s], scratch=work)  # mergekit: γ = + where Σ ≥ 0
+        return merged.add_(base) if base is not None else merged
+
+    def _fused_pass(self, base: torch.Tensor | None, models: Sequence[torch.Tensor], high: torch.Tensor,
+                    low_cut: torch.Tensor, majority: float, keep_result: bool = True,
+                    ) -> tuple[torch.Tensor, list[int], torch.Tensor, int]:  # fmt: skip
+        """One pass of :func:`~mergelab.merging.fused.ties_step` over a flat tensor in chunks: (result (empty unless
+        ``keep_result``), |τ_t| > high_t counts, the open positions in index order, Σ sign(S) where not open)."""
+        numel = models[0].numel()
+        result = models[0].new_empty(numel if keep_result else 0)
+        scales = torch.tensor(self._row_scales if self._row_scales is not None else [1.0] * len(models))
+        outer, elected = torch.tensor(self._outer_scale), torch.tensor(majority)
+        kept, signs, open_at = torch.zeros(len(models), dtype=torch.float64), 0.0, []
+        for s in chunk_slices(numel, FUSED_PASS_CHUNK):
+            chunk, open_, counts, chunk_signs = self._step(
+                s.stop - s.start, base[s] if base is not None else None, [m[s] for m in models], high, low_cut,
+                scales, outer, elected, self.params.disjoint == "mean",
+            )
+            if keep_result:
+                result[s] = chunk
+            kept += counts
+            signs += float(chunk_signs)
+            positions = open_.nonzero().squeeze(1)
+            if positions.numel():
+                open_at.append(positions + s.start)
+        positions = torch.cat(open_at) if open_at else torch.zeros(0, dtype=torch.int64)
+        return result, [round(float(k)) for k in kept], positions, round(signs)
+
+    def _merge_bracketed(self, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+                         count: int) -> torch.Tensor | None:  # fmt: skip
+        """Per-tensor TIES in one pass over the inputs, without a prior selection pass: each κ_t is bracketed from a
+        sample, positions where every row's trim is already certain are merged at once, and those where some row
+        falls inside its bracket are merged again once the pass has counted κ_t exactly (with the elementwise steps
+        of the exact path, so the same values). None where a bracket misses κ_t (or mergekit's argsort order
+        decides straddling ties): the caller then takes the exact path."""
+        rows = [TaskRow(m, base) for m in models] if base is not None else [TaskRow(m) for m in models]
+        brackets = [Bracket.guess(sample_magnitudes(row), count / row.numel) for row in rows]
+        if any(b is None for b in brackets):
+            return None
+        high = torch.tensor([b.high for b in brackets])  # type: ignore[union-attr]
+        low_cut = torch.tensor([b.low_cut for b in brackets])  # type: ignore[union-attr]
+        result, above, positions, _ = self._fused_pass(base, models, high, low_cut, 1.0)  # mergekit: γ = + where Σ ≥ 0
+        at_base = base[positions] if base is not None else None
+        values = torch.stack([m[positions] - at_base if at_base is not None else m[positions] for m in models])
+        cuts = []
+        for t, bracket in enumerate(brackets):
+            exact = band_cut(bracket.inside(values[t]), above[t], count)  # type: ignore[union-attr]
+            if exact is None:
+                return None
+            kappa, greater, tied = exact
+            if self.params.tie_break == "argsort" and greater + tied > count:
+                return None
+            cuts.append(MagnitudeCut(kappa, count - greater, tied))
+        if positions.numel():
+            fixed = self._trimmed_rows(owned_rows(values), cuts, slice(0, positions.numel()),
+                                       Scratch(positions.numel(), values))  # fmt: skip
+            merged = disjoint_merge_rows(fixed, 1.0, self.params.disjoint)
+            result[positions] = at_base + merged if at_base is not None else merged
+        return result
 
     @property
     def thresholds(self) -> torch.Tensor | None:
@@ -302,10 +457,10 @@ class Ties(MergeMethod):
         """Keep |τ_t| ≥ κ_t (every tie) for each model."""
         return [MagnitudeCut(kappa) for kappa in self._global_thresholds()]
 
-    def _trimmed_rows(self, flats: Sequence[torch.Tensor], cuts: Sequence[MagnitudeCut], s: slice,
+    def _trimmed_rows(self, rows: Sequence[TaskRow], cuts: Sequence[MagnitudeCut], s: slice,
                       work: Scratch) -> list[torch.Tensor]:  # fmt: skip
-        """The chunk ``s`` of every τ_t trimmed in place (and scaled by its λ_t when the λ_t differ)."""
-        rows = [cut.trim_(f[s], work) for f, cut in zip(flats, cuts, strict=True)]
+        """The chunk ``s`` of every τ_t trimmed (and scaled by its λ_t when the λ_t differ)."""
+        trimmed = [cut.trim_(piece, work) for piece, cut in zip(row_pieces(rows, s, work), cuts, strict=True)]
         if self._row_scales is None:
-            return rows
-        return [row.mul_(scale) for row, scale in zip(rows, self._row_scales, strict=True)]
+            return trimmed
+        return [row.mul_(scale) for row, scale in zip(trimmed, self._row_scales, strict=True)]
