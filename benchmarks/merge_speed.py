@@ -11,6 +11,10 @@ the best times:
 * mergelab / mergekit for task_arithmetic (target: <= 0.8 in time, <= 1.0 in memory) and per-tensor TIES,
 * global TIES peak RSS at ``size`` vs ``2 x size`` (target: flat: bounded by the largest tensor, not the model).
 
+mergelab's TIES compiles its fused step with torch.compile in each process (a few seconds, counted in every run);
+the first run on a machine whose inductor cache is cold also builds the kernel (tens of seconds): the per-run times
+are printed so that it shows.
+
 mergekit-yaml is looked for next to this Python, then in benchmarks/.peer-venv (``make bench`` installs it).
 
 Usage: python benchmarks/merge_speed.py [--size-gb 1.0] [--repeat 3] [--shard-mb 500] [--workdir DIR]
@@ -178,8 +182,9 @@ def repeated(label: str, cmd: list[str], out: Path, repeat: int) -> dict:
         rss.append(result["peak_rss_mb"])
     row = {"run": label, "wall_s": min(walls), "spread_s": max(walls) - min(walls), "walls_s": walls,
            "peak_rss_mb": max(rss)}  # fmt: skip
+    runs = ", ".join(f"{w:.1f}" for w in walls)
     print(f"  {label:<34} best {row['wall_s']:7.1f} s  spread {row['spread_s']:5.1f} s  "
-          f"{row['peak_rss_mb']:8.0f} MB peak RSS", flush=True)  # fmt: skip
+          f"{row['peak_rss_mb']:8.0f} MB peak RSS  (runs: {runs} s)", flush=True)  # fmt: skip
     return row
 
 

@@ -156,3 +156,42 @@ def test_aligned_reader_bare_base_vs_prefixed_model(family):
     assert "embeddings.word_embeddings.weight" in aligned
     assert aligned.source_name("embeddings.word_embeddings.weight") == "bert.embeddings.word_embeddings.weight"
     assert set(aligned.unmapped_keys()) == {"classifier.weight", "classifier.bias"}
+
+
+def test_views_map_the_stored_bytes_and_never_write_the_file(tmp_path):
+    state = {"a": torch.randn(3, 5), "h": torch.arange(7, dtype=torch.bfloat16), "b": torch.randn(11), "e": torch.zeros(0)}
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    before = path.read_bytes()
+    reader = open_checkpoint(path)
+    for name, tensor in state.items():
+        view = reader.view(name)
+        assert view.dtype == tensor.dtype and torch.equal(view, tensor) and torch.equal(view, reader.get(name))
+    view = reader.view("a")
+    view.mul_(0)  # copy-on-write: a stray write stays in this process
+    assert path.read_bytes() == before and torch.equal(reader.view("a"), state["a"])
+
+
+def test_a_view_of_a_range_not_aligned_to_its_dtype_is_read_instead(tmp_path, monkeypatch):
+    import mergelab.io.formats as formats
+
+    path = tmp_path / "raw.bin"
+    values = torch.arange(6, dtype=torch.float32)
+    path.write_bytes(b"\x00" + values.numpy().tobytes())
+    mapped = formats._map_range(path, 1, 25, (6,), torch.float32)  # starts at byte 1: not a float32 boundary
+    assert torch.equal(mapped, values)
+    assert torch.equal(formats._map_range(path, 1, 1, (0,), torch.float32), torch.zeros(0))
+
+
+def test_state_dict_view_is_the_callers_tensor_and_borrowing_merges_leave_it_unchanged():
+    import mergelab
+    from mergelab.io.formats import StateDictReader
+
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(40, 30, generator=generator)}
+    models = [{"w": base["w"] + torch.randn(40, 30, generator=generator)} for _ in range(3)]
+    assert StateDictReader(base).view("w") is base["w"]
+    copies = [{k: v.clone() for k, v in m.items()} for m in [base, *models]]
+    for method, params in [("task_arithmetic", {}), ("ties", {"scope": "global"}), ("ties", {"scope": "per_tensor"})]:
+        mergelab.merge(method, base, models, **params)
+        assert all(torch.equal(m["w"], c["w"]) for m, c in zip([base, *models], copies, strict=True))

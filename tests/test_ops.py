@@ -212,3 +212,17 @@ def test_row_wise_disjoint_merge_equals_the_stacked_one_bit_for_bit(majority, mo
     got = ops.disjoint_merge_rows(rows, majority, mode)
     assert torch.equal(got, expected) and bool(((ops.row_sum(rows) == 0) & (stacked != 0).any(0)).any())
     assert ops.sign_total_rows(rows) == ops.sign_total(ops.elect_signs(stacked))
+
+
+def test_bracket_from_a_sample_and_band_cut_by_hand():
+    sample = torch.arange(1.0, 101.0)  # |x| = 1..100; keep 20 %: κ = 81, the 20th largest
+    bracket = ops.Bracket.guess(sample, 0.2)
+    # m = 100, centre 20, margin 4·√(0.2·0.8·100) + 8 = 24: no rank above → high = +inf; below rank 44 → low = 57
+    assert (bracket.low, bracket.high) == (57.0, float("inf"))
+    band = bracket.inside(torch.cat([sample, -sample[:10]]))  # signs do not matter; 1..10 lie below the band
+    assert band.tolist() == list(map(float, range(57, 101)))
+    assert ops.band_cut(band, 0, 20) == (torch.tensor(81.0), 19, 1)
+    assert ops.band_cut(band, 0, 45) is None  # κ below the band: the bracket missed
+    keep, inside = torch.empty(4), torch.empty(4)
+    ops.Bracket(2.0, 3.0).split(torch.tensor([1.0, 2.0, 3.0, 3.5]), keep, inside)
+    assert keep.tolist() == [0.0, 0.0, 0.0, 1.0] and inside.tolist() == [0.0, 2.0, 3.0, 0.0]

@@ -1,0 +1,90 @@
+"""The fused TIES step: compiled by torch.compile it gives the eager step's values (bit for bit on θ₀ + merged);
+compiler failures
+fall back to the eager step with one warning; MERGELAB_COMPILE=0 never compiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab.merging import fused
+from mergelab.merging.fused import FusedStep, ties_step
+from mergelab.merging.methods.ties import Ties, TiesParams
+
+
+def _chunk(seed: int, n: int = 5000, grid: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=generator)
+    deltas = [torch.randn(n, generator=generator) * 0.1 for _ in range(3)]
+    if grid:  # exact ties with the bounds and exactly cancelling sums
+        deltas = [torch.round(d * 20) / 20 for d in deltas]
+    return base, [base + d for d in deltas]
+
+
+def _args(base, models, mean: bool, majority: float):
+    high = torch.tensor([0.1, 0.05, 0.15])
+    low_cut = torch.tensor([0.08, 0.04, 0.1])
+    return (base, models, high, low_cut, torch.tensor([0.3, 1.0, 0.7]), torch.tensor(0.5), torch.tensor(majority),
+            mean)  # fmt: skip
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize(("with_base", "mean"), [(True, False), (False, True)])
+def test_compiled_step_equals_the_eager_step_bit_for_bit(monkeypatch, with_base, mean):
+    monkeypatch.setenv("MERGELAB_COMPILE", "1")
+    step = FusedStep(ties_step)
+    for seed, (n, grid, majority) in enumerate([(5000, False, 1.0), (4097, True, -1.0), (3001, True, 0.0)]):
+        base, models = _chunk(seed, n, grid)
+        if not with_base:
+            models, base = [m - base for m in models], None
+        args = _args(base, models, mean, majority)
+        compiled, eager = step(n, *args), ties_step(*args)
+        assert step.compiling  # really compiled, not fallen back
+        # bit for bit with a base; without one (DARE's τ path) a zero may differ in sign only (+0.0 against −0.0)
+        assert _bits_equal(compiled[0], eager[0]) if with_base else torch.equal(compiled[0], eager[0])
+        assert torch.equal(compiled[1] > 0, eager[1] > 0)
+        assert torch.equal(compiled[2], eager[2]) and float(compiled[3]) == float(eager[3])
+
+
+def test_compiled_ties_merge_equals_the_eager_merge(monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 300, generator=generator)
+    models = [base + torch.randn(300, 300, generator=generator) * 0.01 for _ in range(3)]
+    params = TiesParams(scope="per_tensor", density=0.2, scale=[0.3, 0.5, 0.4])
+    monkeypatch.setenv("MERGELAB_COMPILE", "0")
+    eager = Ties(params, 3).merge_tensor("w", base, models)
+    monkeypatch.setenv("MERGELAB_COMPILE", "1")
+    method = Ties(params, 3)
+    compiled = method.merge_tensor("w", base, models)
+    assert method._step.compiling
+    assert _bits_equal(compiled, eager)
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_step_with_one_warning(monkeypatch):
+    monkeypatch.setenv("MERGELAB_COMPILE", "1")
+
+    def broken(function, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found\ndetails")
+
+        return fail
+
+    monkeypatch.setattr(fused.torch, "compile", broken)
+    base, models = _chunk(1)
+    args = _args(base, models, False, 1.0)
+    step = FusedStep(ties_step)
+    with pytest.warns(RuntimeWarning, match="could not compile the fused ties_step .no C\\+\\+ compiler found.; running"):
+        got = step(5000, *args)
+    assert _bits_equal(got[0], ties_step(*args)[0]) and not step.compiling
+    step(5000, *args)  # no second attempt, no second warning (pytest would fail on an unexpected error)
+
+
+def test_compile_switched_off_never_compiles(monkeypatch):
+    monkeypatch.setenv("MERGELAB_COMPILE", "0")
+    monkeypatch.setattr(fused.torch, "compile", lambda *a, **k: pytest.fail("compiled although switched off"))
+    base, models = _chunk(2)
+    args = _args(base, models, True, 1.0)
+    assert _bits_equal(FusedStep(ties_step)(5000, *args)[0], ties_step(*args)[0])
