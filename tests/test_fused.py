@@ -63,16 +63,16 @@ def test_compiled_ties_merge_equals_the_eager_merge(monkeypatch):
     assert _bits_equal(compiled, eager)
 
 
+def _broken_compile(function, **kwargs):
+    def fail(*args):
+        raise RuntimeError("no C++ compiler found\ndetails")
+
+    return fail
+
+
 def test_a_compiler_failure_falls_back_to_the_eager_step_with_one_warning(monkeypatch):
     monkeypatch.setenv("MERGELAB_COMPILE", "1")
-
-    def broken(function, **kwargs):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler found\ndetails")
-
-        return fail
-
-    monkeypatch.setattr(fused.torch, "compile", broken)
+    monkeypatch.setattr(fused.torch, "compile", _broken_compile)
     base, models = _chunk(1)
     args = _args(base, models, False, 1.0)
     step = FusedStep(ties_step)
@@ -88,3 +88,29 @@ def test_compile_switched_off_never_compiles(monkeypatch):
     base, models = _chunk(2)
     args = _args(base, models, True, 1.0)
     assert _bits_equal(FusedStep(ties_step)(5000, *args)[0], ties_step(*args)[0])
+
+
+def test_warm_up_compiles_in_the_background_and_calls_meanwhile_run_eagerly(monkeypatch):
+    monkeypatch.setenv("MERGELAB_COMPILE", "1")
+    base, models = _chunk(4)
+    args = _args(base, models, False, 1.0)
+    expected = ties_step(*args)[0]
+    step = FusedStep(ties_step)
+    step.warm_up(*_args(base[:256], [m[:256] for m in models], False, 1.0))
+    assert _bits_equal(step(5000, *args)[0], expected)  # eager while compiling, or compiled: the same bits
+    step._warming.join() if step._warming is not None else None
+    assert _bits_equal(step(5000, *args)[0], expected)
+    assert step._compiled is not None and step.compiling
+
+
+def test_a_warm_up_failure_is_reported_at_the_first_call_and_falls_back(monkeypatch):
+    monkeypatch.setenv("MERGELAB_COMPILE", "1")
+    monkeypatch.setattr(fused.torch, "compile", _broken_compile)
+    base, models = _chunk(6)
+    args = _args(base, models, True, -1.0)
+    step = FusedStep(ties_step)
+    step.warm_up(*args)
+    step._warming.join()
+    with pytest.warns(RuntimeWarning, match="could not compile the fused ties_step .no C\\+\\+ compiler found"):
+        got = step(5000, *args)
+    assert _bits_equal(got[0], ties_step(*args)[0]) and not step.compiling

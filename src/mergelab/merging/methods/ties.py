@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
-from mergelab.merging.fused import FusedStep, ties_step
+from mergelab.merging.fused import SMALL_CHUNK, FusedStep, ties_step
 from mergelab.merging.ops import (
     Bracket,
     MagnitudeCut,
@@ -84,6 +85,14 @@ def per_tensor_cuts(rows: Sequence[TaskRow], count: int, tie_break: TieBreak) ->
         return [top_cut(row, count, tie_break) for row in rows]
     with ThreadPoolExecutor(max_workers=min(len(rows), os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda row: top_cut(row, count, tie_break), rows))
+
+
+def open_positions(open_: torch.Tensor) -> torch.Tensor:
+    """Indices of the non-zero entries of a chunk's ``open`` output (numpy's boolean ``flatnonzero`` on the CPU:
+    1.4 ns per entry here against 2.7 for ``torch.nonzero`` on floats)."""
+    if open_.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(open_.numpy() > 0))
+    return open_.nonzero().squeeze(1)
 
 
 def _base_of(rows: Sequence[TaskRow]) -> torch.Tensor | None:
@@ -175,8 +184,11 @@ class Ties(MergeMethod):
 
     * Trim: κ_t = the (P − ⌊density·P⌋)-th smallest |τ_t| (1-indexed) over every merged tensor, keep
       |τ_t| ≥ κ_t: ⌊dP⌋ + 1 entries barring ties, and every entry tied with κ_t; keep all when that rank is
-      below 1 (density 1). Exact and streamed: statistics pass 0 histograms the high 16 bits of the float32
-      patterns of |τ_t|, pass 1 the low 16 bits inside the selected bin, pass 2 sums the elected signs.
+      below 1 (density 1). Exact and streamed: statistics pass 1 samples |τ_t| at a fixed stride over the model
+      and brackets κ_t; pass 2 counts |τ_t| above each bracket, finds κ_t exactly from the entries inside it and
+      sums the elected signs (holding the τ values of positions whose trim is open until κ_t is known). Where a
+      bracket misses, passes 3-5 run instead: the high and low 16 bits of the float32 patterns of |τ_t| (an exact
+      radix selection), then the signs.
     * Elect: γ = sign(Σ_t τ̂_t); γ = 0 entries get the majority sign sign(Σ_p γ_p) over all merged tensors.
       One λ for all models is factored out (θ₀ + λ τ_m, as the reference); distinct per-model λ_t (an
       extension) scale τ̂_t before the election.
@@ -186,7 +198,9 @@ class Ties(MergeMethod):
     ``normalize: false`` / ``disjoint="sum"`` and ``weight`` λ_t (with ``tie_break="argsort"``):
 
     * Trim: each tensor of each τ_t keeps exactly max(1, int(density·n)) entries of largest |τ| (all for
-      density 1, none for density 0), by an O(n) radix select. Where entries tied with the smallest kept |τ|
+      density 1, none for density 0): in one pass, κ_t bracketed from a sample and the positions left open by
+      the brackets merged again once κ_t is exact; or, where a bracket misses, after an O(n) radix select
+      (the same values either way). Where entries tied with the smallest kept |τ|
       straddle the cut (rare in small float32 tensors, common in large ones: τ is a difference of floats, a
       multiple of ulp(θ₀); and in bf16 checkpoints), ``tie_break`` names which are kept: ``"index"`` (default)
       the lowest indices, as a stable descending sort, in O(n); ``"argsort"`` the ones
@@ -228,6 +242,14 @@ class Ties(MergeMethod):
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0
         self._majority: float | None = None
+
+    def prepare(self, device: torch.device) -> None:
+        """Start compiling the fused step in the background (chunks run eagerly until it is ready)."""
+        n, rows = 4 * SMALL_CHUNK, self.num_models
+        bounds = torch.zeros(rows, device=device)
+        self._step.warm_up(torch.zeros(n, device=device), [torch.zeros(n, device=device) for _ in range(rows)],
+                           bounds, bounds, torch.ones(rows, device=device), torch.tensor(1.0, device=device),
+                           torch.tensor(1.0, device=device), self.params.disjoint == "mean")  # fmt: skip
 
     def num_stat_passes(self) -> int:
         return 5 if self.params.scope == "global" else 0
@@ -275,7 +297,8 @@ class Ties(MergeMethod):
             self._count_bracketed(rows)
         elif pass_index == _SIGN_PASS:
             high = self._exact_bounds()
-            self._sign_total += self._fused_pass(_base_of(rows), [r.model for r in rows], high, high, 0.0, False)[3]
+            self._sign_total += self._fused_pass(_base_of(rows), [r.model for r in rows], high, high, 0.0, False,
+                                                 find_open=False)[3]  # fmt: skip
         else:
             work = chunk_scratch(rows)
             bins = self._high_bins if pass_index == _LOW_PASS else None
@@ -369,10 +392,10 @@ class Ties(MergeMethod):
         if self.params.scope == "global":
             if self._majority is None:
                 raise MergelabError(
-                    "TIES with scope='global' needs its 3 statistics passes over every tensor before merging"
+                    "TIES with scope='global' needs its statistics passes over every tensor before merging"
                 )
             high = self._exact_bounds()
-            return self._fused_pass(base, models, high, high, self._majority)[0]
+            return self._fused_pass(base, models, high, high, self._majority, find_open=False)[0]
         count = magnitude_keep_count(numel, self.params.density)
         if 0 < count < numel and numel >= BRACKET_MIN:
             merged = self._merge_bracketed(base, models, count)
@@ -387,14 +410,17 @@ class Ties(MergeMethod):
         return merged.add_(base) if base is not None else merged
 
     def _fused_pass(self, base: torch.Tensor | None, models: Sequence[torch.Tensor], high: torch.Tensor,
-                    low_cut: torch.Tensor, majority: float, keep_result: bool = True,
+                    low_cut: torch.Tensor, majority: float, keep_result: bool = True, find_open: bool = True,
                     ) -> tuple[torch.Tensor, list[int], torch.Tensor, int]:  # fmt: skip
         """One pass of :func:`~mergelab.merging.fused.ties_step` over a flat tensor in chunks: (result (empty unless
-        ``keep_result``), |τ_t| > high_t counts, the open positions in index order, Σ sign(S) where not open)."""
+        ``keep_result``), |τ_t| > high_t counts, the open positions in index order (none looked for unless
+        ``find_open``: bounds with an empty band have none), Σ sign(S) where not open)."""
         numel = models[0].numel()
         result = models[0].new_empty(numel if keep_result else 0)
-        scales = torch.tensor(self._row_scales if self._row_scales is not None else [1.0] * len(models))
-        outer, elected = torch.tensor(self._outer_scale), torch.tensor(majority)
+        device = models[0].device
+        scales = torch.tensor(self._row_scales if self._row_scales is not None else [1.0] * len(models), device=device)
+        outer, elected = torch.tensor(self._outer_scale, device=device), torch.tensor(majority, device=device)
+        high, low_cut = high.to(device), low_cut.to(device)
         kept, signs, open_at = torch.zeros(len(models), dtype=torch.float64), 0.0, []
         for s in chunk_slices(numel, FUSED_PASS_CHUNK):
             chunk, open_, counts, chunk_signs = self._step(
@@ -403,12 +429,12 @@ class Ties(MergeMethod):
             )
             if keep_result:
                 result[s] = chunk
-            kept += counts
+            kept += counts.to(device="cpu", dtype=torch.float64)
             signs += float(chunk_signs)
-            positions = open_.nonzero().squeeze(1)
-            if positions.numel():
+            positions = open_positions(open_) if find_open else None
+            if positions is not None and positions.numel():
                 open_at.append(positions + s.start)
-        positions = torch.cat(open_at) if open_at else torch.zeros(0, dtype=torch.int64)
+        positions = torch.cat(open_at) if open_at else torch.zeros(0, dtype=torch.int64, device=device)
         return result, [round(float(k)) for k in kept], positions, round(signs)
 
     def _merge_bracketed(self, base: torch.Tensor | None, models: Sequence[torch.Tensor],
