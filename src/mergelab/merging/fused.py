@@ -71,8 +71,7 @@ def ties_step(base: torch.Tensor | None, models: Sequence[torch.Tensor], high: t
 
 class FusedStep:
     """A fused step: compiled once per instance (at its first call, or in the background from :meth:`warm_up`),
-    eager while that runs, and eager where compiling fails or is switched off (``MERGELAB_COMPILE=0``), with one
-    warning naming why."""
+    eager where compiling fails or is switched off (``MERGELAB_COMPILE=0``), with one warning naming why."""
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function
@@ -86,9 +85,9 @@ class FusedStep:
         return self._enabled
 
     def warm_up(self, *example: Any) -> None:
-        """Compile on a background thread with inputs shaped like the real ones (sizes are symbolic); calls made
-        while it compiles run eagerly (the same values), so the compilation overlaps the work instead of
-        delaying it."""
+        """Compile on a background thread with inputs shaped like the real ones (sizes are symbolic), so that the
+        compilation overlaps the work before the first call (e.g. global TIES' sample pass); that call waits for
+        it."""
         if not self._enabled or self._compiled is not None or self._warming is not None:
             return
         self._warming = threading.Thread(target=self._run_warm_up, args=example, name="mergelab-compile", daemon=True)
@@ -103,9 +102,8 @@ class FusedStep:
             self._failure = exc
 
     def __call__(self, size: int, *args: Any) -> Any:
-        if self._warming is not None:
-            if self._warming.is_alive():  # still compiling in the background: this chunk runs eagerly meanwhile
-                return self.function(*args)
+        if self._warming is not None:  # compiling in the background: wait for it (an eager chunk is ~10× slower)
+            self._warming.join()
             self._warming = None
         if self._failure is not None:
             return self._fall_back(self._failure, args)

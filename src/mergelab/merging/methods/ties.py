@@ -244,7 +244,8 @@ class Ties(MergeMethod):
         self._majority: float | None = None
 
     def prepare(self, device: torch.device) -> None:
-        """Start compiling the fused step in the background (chunks run eagerly until it is ready)."""
+        """Start compiling the fused step in the background (it overlaps the reads before the first merge, and
+        global TIES' sample pass)."""
         n, rows = 4 * SMALL_CHUNK, self.num_models
         bounds = torch.zeros(rows, device=device)
         self._step.warm_up(torch.zeros(n, device=device), [torch.zeros(n, device=device) for _ in range(rows)],
