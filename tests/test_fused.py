@@ -88,27 +88,3 @@ def test_compile_switched_off_never_compiles(monkeypatch):
     base, models = _chunk(2)
     args = _args(base, models, True, 1.0)
     assert _bits_equal(FusedStep(ties_step)(5000, *args)[0], ties_step(*args)[0])
-
-
-def test_warm_up_compiles_in_the_background_and_the_first_call_uses_it(monkeypatch):
-    monkeypatch.setenv("MERGELAB_COMPILE", "1")
-    base, models = _chunk(4)
-    args = _args(base, models, False, 1.0)
-    expected = ties_step(*args)[0]
-    step = FusedStep(ties_step)
-    step.warm_up(*_args(base[:256], [m[:256] for m in models], False, 1.0))
-    assert _bits_equal(step(5000, *args)[0], expected)  # waits for the background compilation
-    assert step._warming is None and step._compiled is not None and step.compiling
-
-
-def test_a_warm_up_failure_is_reported_at_the_first_call_and_falls_back(monkeypatch):
-    monkeypatch.setenv("MERGELAB_COMPILE", "1")
-    monkeypatch.setattr(fused.torch, "compile", _broken_compile)
-    base, models = _chunk(6)
-    args = _args(base, models, True, -1.0)
-    step = FusedStep(ties_step)
-    step.warm_up(*args)
-    step._warming.join()
-    with pytest.warns(RuntimeWarning, match="could not compile the fused ties_step .no C\\+\\+ compiler found"):
-        got = step(5000, *args)
-    assert _bits_equal(got[0], ties_step(*args)[0]) and not step.compiling

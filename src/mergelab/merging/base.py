@@ -38,9 +38,6 @@ class MergeMethod(Method, ABC):
 
     borrows_inputs: ClassVar[bool] = False  # True: never writes into its inputs, which may then be mapped read-only
 
-    def prepare(self, device: torch.device) -> None:
-        """Called once before the engine reads anything (e.g. to start compiling a fused step). Default: nothing."""
-
     def num_stat_passes(self) -> int:
         """How many statistics passes over all tensors the method needs before merging (default 0)."""
         return 0

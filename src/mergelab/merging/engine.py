@@ -180,7 +180,6 @@ def stream_merge(
     if method.spec.needs_base and plan.base is None:
         raise CheckpointError(f"method '{method.name}' needs the pretrained base checkpoint; pass --base")
     device = CPU if device is None else device
-    method.prepare(device)
     with_base = plan.base is not None and method.spec.needs_base
     names, passes = plan.merged_names, method.num_stat_passes()
     total = len(names) * passes + len(plan.output)

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
-from mergelab.merging.fused import SMALL_CHUNK, FusedStep, ties_step
+from mergelab.merging.fused import FusedStep, ties_step
 from mergelab.merging.ops import (
     Bracket,
     MagnitudeCut,
@@ -242,15 +242,6 @@ class Ties(MergeMethod):
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0
         self._majority: float | None = None
-
-    def prepare(self, device: torch.device) -> None:
-        """Start compiling the fused step in the background (it overlaps the reads before the first merge, and
-        global TIES' sample pass)."""
-        n, rows = 4 * SMALL_CHUNK, self.num_models
-        bounds = torch.zeros(rows, device=device)
-        self._step.warm_up(torch.zeros(n, device=device), [torch.zeros(n, device=device) for _ in range(rows)],
-                           bounds, bounds, torch.ones(rows, device=device), torch.tensor(1.0, device=device),
-                           torch.tensor(1.0, device=device), self.params.disjoint == "mean")  # fmt: skip
 
     def num_stat_passes(self) -> int:
         return 5 if self.params.scope == "global" else 0
