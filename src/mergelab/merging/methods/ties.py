@@ -50,7 +50,7 @@ DEFER_BYTES = 1 << 28  # τ values global TIES may hold over its counting pass (
 GLOBAL_SAMPLE = 1 << 22  # |τ_t| values global TIES samples per model to bracket κ_t
 BRACKET_MIN = 1 << 16  # entries from which a per-tensor merge brackets κ_t from a sample instead of selecting first
 MERGE_CHUNK = 1 << 18  # entries per chunk of the eager trim-elect-merge loop (1 MB of float32: stays in cache)
-FUSED_PASS_CHUNK = 1 << 22  # entries per call of the fused step (no temporaries: fewer, larger calls)
+FUSED_PASS_CHUNK = 1 << 22  # entries per call of the compiled fused step (no temporaries: fewer, larger calls)
 
 
 def chunk_scratch(rows: Sequence[TaskRow]) -> Scratch:
@@ -414,7 +414,8 @@ class Ties(MergeMethod):
         outer, elected = torch.tensor(self._outer_scale, device=device), torch.tensor(majority, device=device)
         high, low_cut = high.to(device), low_cut.to(device)
         kept, signs, open_at = torch.zeros(len(models), dtype=torch.float64), 0.0, []
-        for s in chunk_slices(numel, FUSED_PASS_CHUNK):
+        chunk = FUSED_PASS_CHUNK if self._step.compiling else MERGE_CHUNK  # eager: temporaries of one chunk each
+        for s in chunk_slices(numel, chunk):
             chunk, open_, counts, chunk_signs = self._step(
                 s.stop - s.start, base[s] if base is not None else None, [m[s] for m in models], high, low_cut,
                 scales, outer, elected, self.params.disjoint == "mean",
