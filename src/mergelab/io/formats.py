@@ -98,25 +98,21 @@ class SafetensorsReader:
         return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
-            raise _missing(self, name)
-        file, begin, end = self._where[name]
-        shape, dtype = self._meta[name]
-        try:
-            return _read_range(file, begin, end, shape, dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot read tensor '{name}' from {file}: {exc} (is the file truncated?)") from exc
+        return self._load(name, _read_range, "read")
 
     def view(self, name: str) -> torch.Tensor:
         """The tensor mapped from its file, to read only (copy-on-write, so a stray write never reaches the file)."""
+        return self._load(name, _map_range, "map")
+
+    def _load(self, name: str, load: Callable[..., torch.Tensor], verb: str) -> torch.Tensor:
         if name not in self._where:
             raise _missing(self, name)
         file, begin, end = self._where[name]
         shape, dtype = self._meta[name]
         try:
-            return _map_range(file, begin, end, shape, dtype)
+            return load(file, begin, end, shape, dtype)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot map tensor '{name}' from {file}: {exc} (is the file truncated?)") from exc
+            raise CheckpointError(f"cannot {verb} tensor '{name}' from {file}: {exc} (is the file truncated?)") from exc
 
 
 def _map_range(file: Path, begin: int, end: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
