@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,9 +21,8 @@ from mergelab.evaluation.features import FeatureCache
 from mergelab.evaluation.protocols.registry import protocol_infos
 from mergelab.evaluation.results import ModelKind, summarize
 from mergelab.finetune import experts
+from tests._bench_helpers import REPO, bench_command, bench_env, kill_after_first_commit
 from tests._text_helpers import two_task_bench
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -122,30 +117,12 @@ def test_runner_end_to_end_and_report_equals_store(finished, tmp_path):
     assert again["markdown"].read_text() == text
 
 
-def _count_rows(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=0.1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def test_resume_after_kill_9(setup, finished, tmp_path):
     run, cache = tmp_path / "killed", Path(shutil.copytree(finished["cache"], tmp_path / "cache"))
-    cmd = [sys.executable, "-c", "from mergelab.cli import main; main()", "bench", str(setup["config"]), "--out", str(run),
-           "--cache-dir", str(cache)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and _count_rows(run / "results.sqlite") == 0 and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    partial = _count_rows(run / "results.sqlite")
+    cmd = bench_command(setup["config"], run, cache)
+    partial = kill_after_first_commit(cmd, run)
     assert partial > 0
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=bench_env())
     assert done.returncode == 0, done.stderr[-2000:]
     with ResultStore(run / "results.sqlite") as store:
         resumed = {r["key"]: r["accuracy"] for r in store.rows()}

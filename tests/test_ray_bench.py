@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +18,9 @@ from mergelab.bench.executor import ExecutorConfig, Unit
 from mergelab.bench.runner import run_benchmark
 from mergelab.bench.store import ResultStore
 from mergelab.core.errors import ConfigError
+from tests._bench_helpers import bench_command, kill_after_first_commit
 from tests._text_helpers import two_task_bench
 
-REPO = Path(__file__).resolve().parents[1]
 RAY = ExecutorConfig(kind="ray", max_retries=2)
 
 
@@ -94,31 +91,14 @@ def test_a_worker_killed_mid_run_is_retried(local_ray, setup, tmp_path, monkeypa
     assert csv_text(tmp_path / "run") == csv_text(setup["local"])
 
 
-def _count_rows(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=0.1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def test_resume_after_killing_the_driver(local_ray, setup, tmp_path):
     """A driver joined to a running Ray (--ray-address) is killed once it committed some cells; the rerun adds
     only what is missing."""
     run, cache = tmp_path / "killed", Path(shutil.copytree(setup["cache"], tmp_path / "cache"))
     shutil.rmtree(cache / "features")  # the units have work to do
-    cmd = [sys.executable, "-c", "from mergelab.cli import main; main()", "bench", str(setup["config"]), "--out", str(run),
-           "--cache-dir", str(cache), "--executor", "ray", "--ray-address", local_ray.get_runtime_context().gcs_address]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and _count_rows(run / "results.sqlite") == 0 and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)  # the driver (it joined this test's Ray, which lives on)
-    proc.wait()
-    proc.stderr.close()
-    partial = _count_rows(run / "results.sqlite")
+    cmd = bench_command(setup["config"], run, cache, "--executor", "ray", "--ray-address",
+                        local_ray.get_runtime_context().gcs_address)  # fmt: skip
+    partial = kill_after_first_commit(cmd, run)  # the driver (it joined this test's Ray, which lives on)
     assert partial > 0
     run_benchmark(load_experiment_config(setup["config"]), run, cache, log=lambda m: None, report=False, executor=RAY)
     with sqlite3.connect(run / "results.sqlite") as conn:
