@@ -112,6 +112,17 @@ class TaskRow:
         """τ_t as one tensor: the owned tensor itself, or a new difference."""
         return self.model if self.base is None else self.model - self.base
 
+    def strided_magnitudes(self, stride: int) -> torch.Tensor:
+        """|τ_t| at every ``stride``-th position, as a new tensor."""
+        model = self.model[::stride]
+        return (model - self.base[::stride]).abs_() if self.base is not None else model.abs()
+
+
+def values_at(base: torch.Tensor | None, models: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """``[T, m]``: τ_t at ``positions`` (flat indices) of every model (``base`` None: ``models`` are τ_t)."""
+    at_base = base[positions] if base is not None else None
+    return torch.stack([m[positions] - at_base if at_base is not None else m[positions] for m in models])
+
 
 class _RowPieces(Sequence[torch.Tensor]):
     """``[1, chunk]`` pieces of a :class:`TaskRow` for the radix passes, computed on access into one buffer (each piece
@@ -133,9 +144,7 @@ class _RowPieces(Sequence[torch.Tensor]):
 
 def sample_magnitudes(row: TaskRow, target: int = SAMPLE_TARGET) -> torch.Tensor:
     """|τ_t| at about ``target`` evenly strided positions of the row (an odd stride; every entry of a short row)."""
-    step = max(1, row.numel // target) | 1
-    model = row.model[::step]
-    return (model - row.base[::step]).abs_() if row.base is not None else model.abs()
+    return row.strided_magnitudes(max(1, row.numel // target) | 1)
 
 
 @dataclass(frozen=True)

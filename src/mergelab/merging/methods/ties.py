@@ -34,6 +34,7 @@ from mergelab.merging.ops import (
     top_cut,
     trim,
     trim_rank,
+    values_at,
 )
 from mergelab.merging.spec import MethodParams, MethodSpec
 
@@ -137,8 +138,7 @@ class StridedSample:
 
     def add(self, rows: Sequence[TaskRow]) -> None:
         for part, row in zip(self.parts, rows, strict=True):
-            model = row.model[:: self.stride]
-            part.append((model - row.base[:: self.stride]).abs_() if row.base is not None else model.abs())
+            part.append(row.strided_magnitudes(self.stride))
         self.size += self.parts[0][-1].numel()
         while self.size > self.cap:
             self.parts = [[torch.cat(part)[::2].clone()] for part in self.parts]
@@ -312,9 +312,7 @@ class Ties(MergeMethod):
         _, above, positions, signs = self._fused_pass(base, models, high, low_cut, 0.0, False)
         self._above += torch.tensor(above, dtype=torch.float64)
         self._sign_total += signs
-        at_base = base[positions] if base is not None else None
-        values = torch.stack([m[positions] - at_base if at_base is not None else m[positions] for m in models])
-        if not self._deferred.append(values):  # more open positions than the bound: the exact passes run
+        if not self._deferred.append(values_at(base, models, positions)):  # more open positions than the bound: the exact passes run
             self._fail_bracket()
 
     def _fail_bracket(self) -> None:
@@ -444,8 +442,7 @@ class Ties(MergeMethod):
         high = torch.tensor([b.high for b in brackets])  # type: ignore[union-attr]
         low_cut = torch.tensor([b.low_cut for b in brackets])  # type: ignore[union-attr]
         result, above, positions, _ = self._fused_pass(base, models, high, low_cut, 1.0)  # mergekit: γ = + where Σ ≥ 0
-        at_base = base[positions] if base is not None else None
-        values = torch.stack([m[positions] - at_base if at_base is not None else m[positions] for m in models])
+        values = values_at(base, models, positions)
         cuts = []
         for t, bracket in enumerate(brackets):
             exact = band_cut(bracket.inside(values[t]), above[t], count)  # type: ignore[union-attr]
@@ -459,7 +456,7 @@ class Ties(MergeMethod):
             fixed = self._trimmed_rows(owned_rows(values), cuts, slice(0, positions.numel()),
                                        Scratch(positions.numel(), values))  # fmt: skip
             merged = disjoint_merge_rows(fixed, 1.0, self.params.disjoint)
-            result[positions] = at_base + merged if at_base is not None else merged
+            result[positions] = base[positions] + merged if base is not None else merged
         return result
 
     @property
