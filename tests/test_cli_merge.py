@@ -35,6 +35,15 @@ def test_cli_merge_matches_api(family, tmp_path):
     assert (out / "model.safetensors.index.json").exists() and (out / "config.json").exists()
 
 
+def test_the_merge_command_keeps_freed_memory_for_reuse(family, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("mergelab.core.memory.retain_freed_memory", lambda: calls.append("retain") or True)
+    base, models = family
+    result = runner.invoke(app, _merge_args(base, models, tmp_path / "m", "--method", "task_arithmetic"))
+    assert result.exit_code == 0, result.output
+    assert calls == ["retain"]
+
+
 def test_cli_merge_from_yaml_config(family, tmp_path):
     base, models = family
     cfg = tmp_path / "merge.yaml"

@@ -41,12 +41,30 @@ def test_compiled_step_equals_the_eager_step_bit_for_bit(monkeypatch, with_base,
         if not with_base:
             models, base = [m - base for m in models], None
         args = _args(base, models, mean, majority)
-        compiled, eager = step(n, *args), ties_step(*args)
+        merged, bracket, count = (step(n, *args, outputs) for outputs in ("merge", "bracket", "count"))
+        eager_bracket, eager_count = ties_step(*args, "bracket"), ties_step(*args, "count")
         assert step.compiling  # really compiled, not fallen back
         # bit for bit with a base; without one (DARE's τ path) a zero may differ in sign only (+0.0 against −0.0)
-        assert _bits_equal(compiled[0], eager[0]) if with_base else torch.equal(compiled[0], eager[0])
-        assert torch.equal(compiled[1] > 0, eager[1] > 0)
-        assert torch.equal(compiled[2], eager[2]) and float(compiled[3]) == float(eager[3])
+        same = _bits_equal if with_base else torch.equal
+        assert same(merged.result, eager_bracket.result) and same(bracket.result, eager_bracket.result)
+        assert merged.open is None and merged.kept is None and merged.signs is None and bracket.signs is None
+        assert count.result is None
+        for got in (bracket, count):
+            assert torch.equal(got.open > 0, eager_bracket.open > 0) and torch.equal(got.kept, eager_bracket.kept)
+        assert float(count.signs) == float(eager_count.signs)
+
+
+def test_the_outputs_of_a_step_are_those_its_definition_gives():
+    """Hand-checked on four positions: bounds high = 0.5, low_cut = 0.2 on every row, λ = 1, outer 1, no base."""
+    taus = [torch.tensor([0.6, 0.3, -0.9, 0.0]), torch.tensor([-0.7, 0.1, 0.8, 0.0]), torch.tensor([0.1, 0.0, -0.6, 0.0])]
+    bounds, ones = torch.full((3,), 0.5), torch.ones(3)
+    args = (None, taus, bounds, torch.full((3,), 0.2), ones, torch.tensor(1.0), torch.tensor(-1.0), False)
+    merge, count = ties_step(*args, "merge"), ties_step(*args, "count")
+    # kept: row 0 keeps 0.6, −0.9; row 1 −0.7, 0.8; row 2 −0.6. S = (−0.1, 0, −0.7, 0): γ = (−, majority −, −, −)
+    assert torch.allclose(merge.result, torch.tensor([-0.7, 0.0, -1.5, 0.0]))
+    assert torch.equal(count.open > 0, torch.tensor([False, True, False, False]))  # only 0.3 lies in (0.2, 0.5]
+    assert count.kept.tolist() == [2.0, 2.0, 1.0]
+    assert float(count.signs) == -2.0  # sign(S) over the positions not open (0, 2, 3): −1 + −1 + 0
 
 
 def test_compiled_ties_merge_equals_the_eager_merge(monkeypatch):
@@ -78,7 +96,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_step_with_one_warning(monkey
     step = FusedStep(ties_step)
     with pytest.warns(RuntimeWarning, match="could not compile the fused ties_step .no C\\+\\+ compiler found.; running"):
         got = step(5000, *args)
-    assert _bits_equal(got[0], ties_step(*args)[0]) and not step.compiling
+    assert _bits_equal(got.result, ties_step(*args).result) and not step.compiling
     step(5000, *args)  # no second attempt, no second warning (pytest would fail on an unexpected error)
 
 
@@ -87,4 +105,4 @@ def test_compile_switched_off_never_compiles(monkeypatch):
     monkeypatch.setattr(fused.torch, "compile", lambda *a, **k: pytest.fail("compiled although switched off"))
     base, models = _chunk(2)
     args = _args(base, models, True, 1.0)
-    assert _bits_equal(FusedStep(ties_step)(5000, *args)[0], ties_step(*args)[0])
+    assert _bits_equal(FusedStep(ties_step)(5000, *args).result, ties_step(*args).result)

