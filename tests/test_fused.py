@@ -100,6 +100,27 @@ def test_a_compiler_failure_falls_back_to_the_eager_step_with_one_warning(monkey
     step(5000, *args)  # no second attempt, no second warning (pytest would fail on an unexpected error)
 
 
+def test_where_trusting_the_isa_fails_the_step_compiles_with_probing_silently(monkeypatch, recwarn):
+    monkeypatch.setenv("MERGELAB_COMPILE", "1")
+    real_compile, seen = torch.compile, []
+
+    def fake(function, **kwargs):
+        if kwargs.get("options"):
+            seen.append(kwargs["options"])
+            return _broken_compile(function)
+        seen.append({})
+        return real_compile(function, **kwargs)
+
+    monkeypatch.setattr(fused.torch, "compile", fake)
+    base, models = _chunk(3)
+    args = _args(base, models, False, 1.0)
+    step = FusedStep(ties_step)
+    got = step(5000, *args)
+    assert seen == [fused.TRUSTED_ISA, {}] and step.compiling
+    assert _bits_equal(got.result, ties_step(*args).result)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_compile_switched_off_never_compiles(monkeypatch):
     monkeypatch.setenv("MERGELAB_COMPILE", "0")
     monkeypatch.setattr(fused.torch, "compile", lambda *a, **k: pytest.fail("compiled although switched off"))

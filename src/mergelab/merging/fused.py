@@ -9,6 +9,7 @@ Compilation happens at the first call, not at import: ≈ 30 s the first time on
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -17,6 +18,10 @@ import torch
 
 COMPILE_ENV = "MERGELAB_COMPILE"  # "0": never compile (run the fused steps eagerly)
 SMALL_CHUNK = 64  # chunks shorter than this run eagerly (no recompilation for sizes 0 and 1)
+# First compile setting: trust the CPU's vector ISA flags instead of probing each ISA by building and loading a test
+# library in a child process (≈ 2 s of every process's first compile here); where that build fails, the second
+# setting probes as usual.
+TRUSTED_ISA: dict[str, Any] = {"cpp.vec_isa_ok": True}
 
 
 class TiesStepResult(NamedTuple):
@@ -96,22 +101,46 @@ class FusedStep:
         self.function = function
         self._compiled: Callable[..., Any] | None = None
         self._enabled = os.environ.get(COMPILE_ENV, "1") != "0"
+        self._options: list[dict[str, Any]] = [dict(TRUSTED_ISA), {}]  # compile settings still to try, in order
+        self._warming: threading.Thread | None = None
 
     @property
     def compiling(self) -> bool:
         return self._enabled
 
+    def warm_up(self, *examples: tuple[Any, ...]) -> None:
+        """Compile for each example argument tuple on a background thread, so that the compilation overlaps the
+        caller's other work (the next call waits for it). Examples must match the later calls in everything but
+        sizes (devices, dtypes, which tensors are None, the Python values), or those calls compile again."""
+        if not self._enabled or self._warming is not None:
+            return
+        self._warming = threading.Thread(target=lambda: [self._call_compiled(args) for args in examples],
+                                         name="mergelab-compile", daemon=True)  # fmt: skip
+        self._warming.start()
+
     def __call__(self, size: int, *args: Any) -> Any:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
         if not self._enabled or size < SMALL_CHUNK:
             return self.function(*args)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.function, dynamic=True, options={"cpp.vec_isa_ok": True})
-        try:
-            return self._compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: the same arithmetic runs eagerly
-            self._enabled = False
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(f"could not compile the fused {self.function.__name__} ({reason[:200]}); running it "
-                          f"eagerly (slower, same results); set {COMPILE_ENV}=0 to skip the attempt",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
-            return self.function(*args)
+        return self._call_compiled(args)
+
+    def _call_compiled(self, args: tuple[Any, ...]) -> Any:
+        while True:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.function, dynamic=True, options=self._options.pop(0))
+            try:
+                return self._compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: other settings, then eager
+                self._compiled = None
+                if not self._options:
+                    return self._run_eagerly(exc, args)
+
+    def _run_eagerly(self, exc: Exception, args: tuple[Any, ...]) -> Any:
+        self._enabled = False
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"could not compile the fused {self.function.__name__} ({reason[:200]}); running it "
+                      f"eagerly (slower, same results); set {COMPILE_ENV}=0 to skip the attempt",
+                      RuntimeWarning, stacklevel=4)  # fmt: skip
+        return self.function(*args)

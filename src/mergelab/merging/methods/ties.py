@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from mergelab.core.errors import MergelabError
 from mergelab.merging.base import MergeMethod, chunk_slices, per_model_values
-from mergelab.merging.fused import FusedStep, TiesOutputs, ties_step
+from mergelab.merging.fused import SMALL_CHUNK, FusedStep, TiesOutputs, ties_step
 from mergelab.merging.ops import (
     Bracket,
     MagnitudeCut,
@@ -231,6 +231,7 @@ class Ties(MergeMethod):
         self._outer_scale = self.scales[0] if uniform else 1.0
         self._num_entries = 0
         self._step = FusedStep(ties_step)
+        self._warming_started = False
         self._sample: StridedSample | None = None
         self._brackets: list[Bracket] | None = None
         self._bracket_failed = False  # the exact passes run instead of the counting pass
@@ -282,6 +283,7 @@ class Ties(MergeMethod):
         if self.params.scope != "global" or not self.pass_needed(pass_index):
             return
         if pass_index == _SAMPLE_PASS:
+            self._warm_up(rows)
             self._num_entries += rows[0].numel
             if self._sample is None:
                 self._sample = StridedSample(len(rows), GLOBAL_SAMPLE)
@@ -407,18 +409,14 @@ class Ties(MergeMethod):
         ``outputs`` does not compute is empty (no counts, no positions) or 0."""
         numel = models[0].numel()
         device = models[0].device
-        scales = torch.tensor(self._row_scales if self._row_scales is not None else [1.0] * len(models), device=device)
-        outer, elected = torch.tensor(self._outer_scale, device=device), torch.tensor(majority, device=device)
-        high, low_cut = high.to(device), low_cut.to(device)
+        constants = self._step_constants(device, high, low_cut, majority)
         kept, signs, open_at = torch.zeros(len(models), dtype=torch.float64), 0.0, []
         chunk = FUSED_PASS_CHUNK if self._step.compiling else MERGE_CHUNK  # eager: temporaries of one chunk each
         slices = chunk_slices(numel, chunk)
         result = None if outputs == "count" or len(slices) == 1 else models[0].new_empty(numel)
         for s in slices:
-            step = self._step(
-                s.stop - s.start, base[s] if base is not None else None, [m[s] for m in models], high, low_cut,
-                scales, outer, elected, self.params.disjoint == "mean", outputs,
-            )
+            step = self._step(s.stop - s.start, base[s] if base is not None else None, [m[s] for m in models],
+                              *constants, self.params.disjoint == "mean", outputs)  # fmt: skip
             if result is not None:
                 result[s] = step.result
             elif outputs != "count":  # one chunk: the step's own output is the result
@@ -432,6 +430,26 @@ class Ties(MergeMethod):
                 open_at.append(positions + s.start)
         positions = torch.cat(open_at) if open_at else torch.zeros(0, dtype=torch.int64, device=device)
         return result, [round(float(k)) for k in kept], positions, round(signs)
+
+    def _step_constants(self, device: torch.device, high: torch.Tensor, low_cut: torch.Tensor,
+                        majority: float) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """The fused step's per-pass arguments after the chunks: (high, low_cut, λ_t, outer λ, majority sign)."""
+        scales = self._row_scales if self._row_scales is not None else [1.0] * self.num_models
+        return (high.to(device), low_cut.to(device), torch.tensor(scales, device=device),
+                torch.tensor(self._outer_scale, device=device), torch.tensor(majority, device=device))  # fmt: skip
+
+    def _warm_up(self, rows: Sequence[TaskRow]) -> None:
+        """Global scope: compile the counting and merging steps on a background thread while the sample pass runs
+        (≈ 4 s of the first compile in a process, overlapped), from the first tensor large enough to compile for."""
+        if self._warming_started or rows[0].numel < SMALL_CHUNK:
+            return
+        self._warming_started = True
+        head, base = slice(0, SMALL_CHUNK), _base_of(rows)
+        chunks = (base[head].clone() if base is not None else None, [row.model[head].clone() for row in rows])
+        bounds = torch.zeros(self.num_models)
+        constants = self._step_constants(rows[0].model.device, bounds, bounds, 1.0)
+        mean = self.params.disjoint == "mean"
+        self._step.warm_up(*[(*chunks, *constants, mean, outputs) for outputs in ("count", "merge")])
 
     def _merge_bracketed(self, base: torch.Tensor | None, models: Sequence[torch.Tensor],
                          count: int) -> torch.Tensor | None:  # fmt: skip
