@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -42,6 +46,23 @@ def test_the_merge_command_keeps_freed_memory_for_reuse(family, tmp_path, monkey
     result = runner.invoke(app, _merge_args(base, models, tmp_path / "m", "--method", "task_arithmetic"))
     assert result.exit_code == 0, result.output
     assert calls == ["retain"]
+
+
+def test_the_cli_silences_transformers_without_importing_it():
+    code = textwrap.dedent(
+        """
+        import sys
+        from typer.testing import CliRunner
+        from mergelab.cli import app
+        CliRunner().invoke(app, ["methods"])
+        imported = "transformers" in sys.modules
+        import transformers.utils.logging as hf_logging
+        print(imported, hf_logging.get_verbosity() == hf_logging.ERROR, hf_logging.is_progress_bar_enabled())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "True", "False"]
 
 
 def test_cli_merge_from_yaml_config(family, tmp_path):

@@ -72,6 +72,34 @@ def test_background_writer_error_propagates(tmp_path):
     assert not _threads()
 
 
+class _HeldWriter(ShardedWriter):
+    """Writes only once ``release`` is set (a slow disk)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.release = threading.Event()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.release.wait(timeout=10)
+        super().write(name, tensor)
+
+
+def test_background_writer_holds_at_most_its_byte_budget_queued(tmp_path):
+    specs = [TensorSpec(f"t{i}", (16,), torch.float32) for i in range(3)]  # 64 bytes each
+    held = _HeldWriter(tmp_path, specs, 10**9)
+    writer = BackgroundWriter(held, budget=100)
+    writer.write("t0", torch.zeros(16))  # queued alone: over no budget
+    third = threading.Thread(target=lambda: [writer.write("t1", torch.ones(16)), writer.write("t2", torch.ones(16))])
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive()  # 64 + 64 > 100 bytes: t1 waits for t0 to be written
+    held.release.set()
+    third.join(timeout=10)
+    writer.close()
+    assert not third.is_alive() and (tmp_path / "model.safetensors").exists()
+    assert not _threads()
+
+
 @pytest.mark.parametrize("make", [lambda: TaskArithmetic(TaskArithmeticParams(scale=0.3), 3),
                                   lambda: Ties(TiesParams(scope="global"), 3),
                                   lambda: Ties(TiesParams(scope="per_tensor"), 3)])  # fmt: skip

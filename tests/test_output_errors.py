@@ -41,6 +41,23 @@ def test_full_disk_during_cli_merge_is_one_line_and_leaves_nothing(family, tmp_p
     assert _leftovers(out_root) == []
 
 
+def test_full_disk_at_a_shards_fsync_is_one_line_and_leaves_nothing(family, tmp_path, monkeypatch):
+    """The fsync of a finished shard runs on a helper thread; its failure still fails the merge cleanly."""
+    base, models = family
+    out_root = tmp_path / "outputs"
+    out_root.mkdir()
+    monkeypatch.setattr(writer_module.os, "fsync", _disk_full)
+    args = ["merge", "--method", "task_arithmetic", "--base", str(base), "--out", str(out_root / "merged"),
+            "--max-shard-size", "30KB"]  # fmt: skip
+    for model in models:
+        args += ["--model", str(model)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on the disk of"), result.output
+    assert _leftovers(out_root) == []
+
+
 def test_full_disk_in_atomic_text_write_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
     target.write_text("old")

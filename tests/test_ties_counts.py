@@ -255,3 +255,18 @@ def test_per_tensor_one_pass_bracket_equals_the_exact_selection(monkeypatch, kin
     monkeypatch.setattr(ties_module, "BRACKET_MIN", 1 << 40)  # the exact selection, then the merge
     exact = Ties(params, 3).merge_tensor("w", base, models)
     assert torch.equal(one_pass.view(torch.int32), exact.view(torch.int32))
+
+
+def test_the_global_sample_never_samples_a_tensor_past_its_cap():
+    """StridedSample: a first tensor larger than the cap raises the stride before it is sampled; a later one that
+    would pass the cap first thins what is held (every other value) and doubles the stride."""
+    from mergelab.merging.methods.ties import StridedSample
+
+    base = torch.zeros(1000)
+    first, second = torch.arange(1000.0), -torch.arange(1000.0, 2000.0)
+    sample = StridedSample(rows=1, cap=100)
+    sample.add([ops.TaskRow(first, base)])
+    assert sample.stride == 16 and torch.equal(sample.values(0), first[::16])  # 63 values: 1000/8 = 125 > 100
+    sample.add([ops.TaskRow(second, base)])
+    assert sample.stride == 32 and sample.size == 32 + 32
+    assert torch.equal(sample.values(0), torch.cat([first[::16][::2], second.abs()[::32]]))

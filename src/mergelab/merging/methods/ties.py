@@ -130,7 +130,9 @@ class DeferredColumns:
 
 class StridedSample:
     """|τ_t| of every model at a fixed stride over all merged tensors, in order (a uniform sample of the whole model);
-    past ``cap`` values per model it keeps every other one and doubles the stride."""
+    where the next tensor would take it past ``cap`` values per model, it first keeps every other value held and
+    doubles the stride (so no tensor is ever sampled densely: a 65M-entry first tensor sampled at stride 1 and then
+    thinned had cost 1.3 s of a 3.2 GB merge)."""
 
     def __init__(self, rows: int, cap: int, stride: int = 1) -> None:
         self.cap, self.stride = cap, stride
@@ -138,12 +140,17 @@ class StridedSample:
         self.size = 0
 
     def add(self, rows: Sequence[TaskRow]) -> None:
+        while self.size + -(-rows[0].numel // self.stride) > self.cap and self.stride < rows[0].numel:
+            self._thin()
         for part, row in zip(self.parts, rows, strict=True):
             part.append(row.strided_magnitudes(self.stride))
         self.size += self.parts[0][-1].numel()
-        while self.size > self.cap:
+
+    def _thin(self) -> None:
+        if self.size:
             self.parts = [[torch.cat(part)[::2].clone()] for part in self.parts]
-            self.size, self.stride = self.parts[0][0].numel(), self.stride * 2
+            self.size = self.parts[0][0].numel()
+        self.stride *= 2
 
     def values(self, row: int) -> torch.Tensor:
         return torch.cat(self.parts[row])
