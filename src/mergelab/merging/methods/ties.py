@@ -90,11 +90,18 @@ def per_tensor_cuts(rows: Sequence[TaskRow], count: int, tie_break: TieBreak) ->
 
 
 def open_positions(open_: torch.Tensor) -> torch.Tensor:
-    """Indices of the non-zero entries of a chunk's ``open`` output (numpy's boolean ``flatnonzero`` on the CPU:
-    1.4 ns per entry here against 2.7 for ``torch.nonzero`` on floats)."""
-    if open_.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(open_.numpy() > 0))
-    return open_.nonzero().squeeze(1)
+    """Indices of the non-zero entries of a chunk's ``open`` output. On the CPU, numpy's boolean ``flatnonzero`` on
+    one slice per intra-op thread, in threads (it releases the GIL): 1.1 ns per entry here on 2 threads, 2.0 on one,
+    2.4 for ``torch.nonzero`` on floats."""
+    if open_.device.type != "cpu":
+        return open_.nonzero().squeeze(1)
+    values = open_.numpy()
+    parts = chunk_slices(values.size, -(-values.size // torch.get_num_threads()))
+    if len(parts) == 1 or values.size < PARALLEL_MIN:
+        return torch.from_numpy(np.flatnonzero(values > 0))
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        found = pool.map(lambda s: np.flatnonzero(values[s] > 0) + s.start, parts)
+        return torch.from_numpy(np.concatenate(list(found)))
 
 
 def _base_of(rows: Sequence[TaskRow]) -> torch.Tensor | None:
