@@ -2,8 +2,9 @@
 (on CPU a chunk of TIES costs ≈ 2 ns per position fused against ≈ 24 ns as ~50 separate torch ops), and run
 eagerly, with the same arithmetic, where it can't (no C++ compiler, an unsupported device, ``MERGELAB_COMPILE=0``).
 
-Compilation happens at the first call, not at import: ≈ 30 s the first time on a machine, ≈ 4 s in a later process
-(inductor's on-disk cache), and is shared by every tensor of a merge (sizes are symbolic).
+Compilation happens at the first call (or on a background thread from ``warm_up``), not at import: ≈ 30 s the first
+time on a machine, ≈ 3-4 s in a later process (inductor's on-disk cache), and is shared by every tensor of a merge
+(sizes are symbolic).
 """
 
 from __future__ import annotations
