@@ -226,3 +226,20 @@ def test_bracket_from_a_sample_and_band_cut_by_hand():
     keep, inside = torch.empty(4), torch.empty(4)
     ops.Bracket(2.0, 3.0).split(torch.tensor([1.0, 2.0, 3.0, 3.5]), keep, inside)
     assert keep.tolist() == [0.0, 0.0, 0.0, 1.0] and inside.tolist() == [0.0, 2.0, 3.0, 0.0]
+
+
+def test_sample_rows_takes_the_same_odd_strided_positions_of_every_row():
+    base = torch.arange(100.0)
+    models = [base + torch.linspace(-1, 1, 100) * (t + 1) for t in range(3)]
+    rows = [ops.TaskRow(m, base) for m in models]
+    samples = ops.sample_rows(rows, target=10)  # stride 100 // 10 = 10, made odd: 11
+    for sample, model in zip(samples, models, strict=True):
+        assert torch.equal(sample, (model - base)[::11].abs())
+    owned = ops.sample_rows([ops.TaskRow(m - base) for m in models], target=10)
+    assert all(torch.equal(a, b) for a, b in zip(owned, samples, strict=True))
+
+
+def test_sample_target_grows_as_the_two_thirds_power_of_the_row():
+    assert ops.sample_target(1000) == ops.SAMPLE_TARGET
+    assert ops.sample_target(11_534_336) == round((2 * 11_534_336) ** (2 / 3))  # ≈ 81K
+    assert 250_000 < ops.sample_target(65_536_000) < 260_000

@@ -143,9 +143,25 @@ class _RowPieces(Sequence[torch.Tensor]):
         return self.row.piece(slice(start, min(start + self.chunk, self.row.numel)), self.buffer).unsqueeze(0)
 
 
-def sample_magnitudes(row: TaskRow, target: int = SAMPLE_TARGET) -> torch.Tensor:
-    """|τ_t| at about ``target`` evenly strided positions of the row (an odd stride; every entry of a short row)."""
-    return row.strided_magnitudes(max(1, row.numel // target) | 1)
+def sample_target(numel: int) -> int:
+    """How many entries to sample per row of ``numel`` to bracket its cut: (2n)^(2/3), at least ``SAMPLE_TARGET``.
+
+    Sampling costs ∝ m per row, the open positions a bracket leaves ∝ n/√m (its width in binomial standard
+    deviations); with the costs measured here (≈ 80 ns per sampled entry, ≈ 100 ns per open position) the sum is
+    least near m = (2n)^(2/3): 80K for an 11.5M-entry tensor, 258K for a 65.5M-entry embedding."""
+    return max(SAMPLE_TARGET, round((2 * numel) ** (2 / 3)))
+
+
+def sample_rows(rows: Sequence[TaskRow], target: int | None = None) -> list[torch.Tensor]:
+    """|τ_t| of every row (one tensor's rows, one base) at the same ≈ ``target`` evenly strided positions (an odd
+    stride; every entry of a short row; default :func:`sample_target`), the base gathered once for all rows."""
+    numel = rows[0].numel
+    stride = max(1, numel // (target or sample_target(numel))) | 1
+    base = rows[0].base
+    if base is None:
+        return [row.model[::stride].abs() for row in rows]
+    at_base = base[::stride].contiguous()
+    return [torch.sub(row.model[::stride], at_base).abs_() for row in rows]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from mergelab.merging.ops import (
     majority_sign,
     radix_histogram,
     require_base,
-    sample_magnitudes,
+    sample_rows,
     scale_rows,
     sign_total_rows,
     top_cut,
@@ -473,7 +473,7 @@ class Ties(MergeMethod):
         of the exact path, so the same values). None where a bracket misses κ_t (or mergekit's argsort order
         decides straddling ties): the caller then takes the exact path."""
         rows = [TaskRow(m, base) for m in models] if base is not None else [TaskRow(m) for m in models]
-        brackets = [Bracket.guess(sample_magnitudes(row), count / row.numel) for row in rows]
+        brackets = [Bracket.guess(sample, count / rows[0].numel) for sample in sample_rows(rows)]
         if any(b is None for b in brackets):
             return None
         high = torch.tensor([b.high for b in brackets])  # type: ignore[union-attr]
