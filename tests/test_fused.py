@@ -67,18 +67,45 @@ def test_the_outputs_of_a_step_are_those_its_definition_gives():
     assert float(count.signs) == -2.0  # sign(S) over the positions not open (0, 2, 3): −1 + −1 + 0
 
 
-def test_compiled_ties_merge_equals_the_eager_merge(monkeypatch):
+def _merge_all(method: Ties, base: dict, models: list[dict]) -> dict:
+    """Every statistics pass over every tensor, then the merge of each (as the engine drives a method)."""
+    for pass_index in range(method.num_stat_passes()):
+        for name in base:
+            if method.pass_needed(pass_index):
+                method.observe(pass_index, name, base[name], [m[name] for m in models])
+        method.end_pass(pass_index)
+    return {name: method.merge_tensor(name, base[name], [m[name] for m in models]) for name in base}
+
+
+@pytest.mark.parametrize("params", [TiesParams(scope="per_tensor", density=0.2, scale=[0.3, 0.5, 0.4]),
+                                    TiesParams(scope="global", density=0.2, scale=0.3)])  # fmt: skip
+def test_compiled_ties_merge_equals_the_eager_merge(monkeypatch, params):
     generator = torch.Generator().manual_seed(5)
-    base = torch.randn(300, 300, generator=generator)
-    models = [base + torch.randn(300, 300, generator=generator) * 0.01 for _ in range(3)]
-    params = TiesParams(scope="per_tensor", density=0.2, scale=[0.3, 0.5, 0.4])
+    base = {"w": torch.randn(300, 300, generator=generator), "v": torch.randn(5000, generator=generator)}
+    models = [{k: t + torch.randn(t.shape, generator=generator) * 0.01 for k, t in base.items()} for _ in range(3)]
     monkeypatch.setenv("MERGELAB_COMPILE", "0")
-    eager = Ties(params, 3).merge_tensor("w", base, models)
+    eager = _merge_all(Ties(params, 3), base, models)
     monkeypatch.setenv("MERGELAB_COMPILE", "1")
     method = Ties(params, 3)
-    compiled = method.merge_tensor("w", base, models)
+    compiled = _merge_all(method, base, models)
     assert method._step.compiling
-    assert _bits_equal(compiled, eager)
+    assert all(_bits_equal(compiled[name], eager[name]) for name in base)
+
+
+def test_warm_up_compiles_on_a_thread_and_later_calls_reuse_it(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("MERGELAB_COMPILE", "1")
+    step = FusedStep(ties_step)
+    base, models = _chunk(7, n=300)
+    step.warm_up((*_args(base, models, False, 1.0), "merge"))
+    assert step._warming is not None and step._warming.name == "mergelab-compile"
+    step._warming.join()
+    graphs = counters["stats"]["unique_graphs"]
+    base, models = _chunk(8, n=5000)  # another size: the same (dynamic) graph
+    got = step(5000, *_args(base, models, False, 1.0), "merge")
+    assert counters["stats"]["unique_graphs"] == graphs and step.compiling
+    assert _bits_equal(got.result, ties_step(*_args(base, models, False, 1.0), "merge").result)
 
 
 def _broken_compile(function, **kwargs):
