@@ -223,9 +223,6 @@ def test_bracket_from_a_sample_and_band_cut_by_hand():
     assert band.tolist() == list(map(float, range(57, 101)))
     assert ops.band_cut(band, 0, 20) == (torch.tensor(81.0), 19, 1)
     assert ops.band_cut(band, 0, 45) is None  # κ below the band: the bracket missed
-    keep, inside = torch.empty(4), torch.empty(4)
-    ops.Bracket(2.0, 3.0).split(torch.tensor([1.0, 2.0, 3.0, 3.5]), keep, inside)
-    assert keep.tolist() == [0.0, 0.0, 0.0, 1.0] and inside.tolist() == [0.0, 2.0, 3.0, 0.0]
 
 
 def test_sample_rows_takes_the_same_odd_strided_positions_of_every_row():

@@ -31,7 +31,7 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SINGLE = "pytorch_model.bin"
 _Item = TypeVar("_Item")
 _Loaded = TypeVar("_Loaded")
-_POLL_S = 0.05  # how often a blocked queue operation looks for a stop request
+POLL_S = 0.05  # how often a blocked queue operation looks for a stop request
 
 _SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -331,7 +331,7 @@ def prefetched(groups: Sequence[Sequence[_Item]], load: Callable[[_Item], _Loade
         stop.set()
         while thread.is_alive():
             _drain(channel)
-            thread.join(_POLL_S)
+            thread.join(POLL_S)
 
 
 def _read_ahead(groups: Sequence[Sequence[_Item]], load: Callable[[_Item], _Loaded], channel: queue.Queue,
@@ -350,7 +350,7 @@ def offer(channel: queue.Queue, entry: object, stop: threading.Event) -> bool:
     """Put ``entry`` on the bounded ``channel``, waiting for room unless ``stop`` is set (then False)."""
     while not stop.is_set():
         try:
-            channel.put(entry, timeout=_POLL_S)
+            channel.put(entry, timeout=POLL_S)
             return True
         except queue.Full:
             continue
@@ -361,7 +361,7 @@ def _take(channel: queue.Queue, thread: threading.Thread):
     """The next loaded item, or the reader's exception raised here; never waits on a thread that has ended."""
     while True:
         try:
-            ok, value = channel.get(timeout=_POLL_S)
+            ok, value = channel.get(timeout=POLL_S)
             break
         except queue.Empty:
             if not thread.is_alive() and channel.empty():

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mergelab.core.errors import CheckpointError, OutputError
+from mergelab.io.formats import POLL_S
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -32,7 +33,6 @@ _DTYPE_CODES = {
 }  # fmt: skip
 
 QUEUE_BYTES = 1 << 29  # output bytes the background writer may hold queued (or one tensor of any size)
-_POLL_S = 0.05  # how often waits on the writer thread look for a stop
 
 # Files copied from the base folder so the output loads with transformers' Auto classes.
 SIDE_FILES = (
@@ -232,7 +232,7 @@ class BackgroundWriter:
         size = tensor.numel() * tensor.element_size()
         with self._room:
             while self._queued and self._queued + size > self.budget and not self._stop.is_set():
-                self._room.wait(timeout=_POLL_S)
+                self._room.wait(timeout=POLL_S)
             self._raise_error()
             self._queued += size
         self._channel.put((name, tensor, size))
@@ -255,7 +255,7 @@ class BackgroundWriter:
         try:
             while not self._stop.is_set():
                 try:
-                    entry = self._channel.get(timeout=_POLL_S)
+                    entry = self._channel.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
                 if entry is None:

@@ -2,10 +2,11 @@
 
 For each selected tensor the engine loads the base tensor and the T fine-tuned tensors (as float32), hands them to
 the method, casts the result to the output dtype and yields it. A reader thread loads the inputs ahead, at most
-``prefetch`` tensors queued plus one being read (``api.merge_streaming`` adds a writer thread holding one output
-queued plus one being written). A method that only reads its inputs (``borrows_inputs``) gets them mapped from
-safetensors files rather than copied. Peak memory is about (T + 2) × the largest tensor inline, plus prefetch + 1 read
-ahead and 2 being written: independent of the number of tensors in the model. Methods with whole-model statistics
+``prefetch`` tensors queued plus one being read (``api.merge_streaming`` adds a writer thread holding at most
+512 MB of outputs queued, or one output, plus one being written). A method that only reads its inputs
+(``borrows_inputs``) gets them mapped from safetensors files rather than copied. Peak memory is about (T + 2) × the
+largest tensor inline, plus prefetch + 1 read ahead and the writer's queue: independent of the number of tensors in
+the model. Methods with whole-model statistics
 first stream all selected tensors through ``observe`` once per statistics pass (inputs are checked for NaN/Inf
 the first time they are read; a pass the method no longer needs, ``pass_needed``, is neither read nor observed).
 """

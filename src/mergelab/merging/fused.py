@@ -94,9 +94,10 @@ def ties_step(base: torch.Tensor | None, models: Sequence[torch.Tensor], high: t
 
 
 class FusedStep:
-    """A fused step: compiled at its first call (once per instance), eager where compiling fails or is switched off
-    (``MERGELAB_COMPILE=0``), with one warning naming why. (Compiling on a background thread instead, to overlap
-    the reads, took 10.6 s against 6.3 s on the calling thread here: it is not done.)"""
+    """A fused step: compiled at its first call (once per instance) or ahead of it by :meth:`warm_up`, eager where
+    compiling fails or is switched off (``MERGELAB_COMPILE=0``), with one warning naming why. A warm-up pays only
+    where the calling thread meanwhile runs few, large torch operations (global TIES' sample pass): run beside eager
+    chunk loops, which take the GIL between every small operation, a compilation took 10.6 s against 6.3 s alone."""
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function

@@ -113,10 +113,21 @@ class TaskRow:
         """τ_t as one tensor: the owned tensor itself, or a new difference."""
         return self.model if self.base is None else self.model - self.base
 
-    def strided_magnitudes(self, stride: int) -> torch.Tensor:
-        """|τ_t| at every ``stride``-th position, as a new tensor."""
-        model = self.model[::stride]
-        return (model - self.base[::stride]).abs_() if self.base is not None else model.abs()
+
+def task_rows(base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> list[TaskRow]:
+    """One tensor's τ_t rows, flat: differences from ``base``, or (``base`` None) ``models`` themselves as owned τ_t."""
+    flat_base = base.reshape(-1) if base is not None else None
+    return [TaskRow(m.reshape(-1), flat_base) for m in models]
+
+
+def strided_rows(rows: Sequence[TaskRow], stride: int) -> list[torch.Tensor]:
+    """|τ_t| of every row (one tensor's rows, one base) at every ``stride``-th position, as new tensors; the base is
+    gathered once for all rows."""
+    base = rows[0].base
+    if base is None:
+        return [row.model[::stride].abs() for row in rows]
+    at_base = base[::stride].contiguous()
+    return [torch.sub(row.model[::stride], at_base).abs_() for row in rows]
 
 
 def values_at(base: torch.Tensor | None, models: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
@@ -154,14 +165,9 @@ def sample_target(numel: int) -> int:
 
 def sample_rows(rows: Sequence[TaskRow], target: int | None = None) -> list[torch.Tensor]:
     """|τ_t| of every row (one tensor's rows, one base) at the same ≈ ``target`` evenly strided positions (an odd
-    stride; every entry of a short row; default :func:`sample_target`), the base gathered once for all rows."""
+    stride; every entry of a short row; default :func:`sample_target`)."""
     numel = rows[0].numel
-    stride = max(1, numel // (target or sample_target(numel))) | 1
-    base = rows[0].base
-    if base is None:
-        return [row.model[::stride].abs() for row in rows]
-    at_base = base[::stride].contiguous()
-    return [torch.sub(row.model[::stride], at_base).abs_() for row in rows]
+    return strided_rows(rows, max(1, numel // (target or sample_target(numel))) | 1)
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ class Bracket:
 
     low: float
     high: float
-    low_cut: float = field(init=False)  # the float32 just below ``low``: threshold(x, low_cut) keeps x ≥ low
+    low_cut: float = field(init=False)  # the float32 just below ``low``: |x| > low_cut keeps |x| ≥ low
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "low_cut", _below(self.low))
@@ -193,14 +199,6 @@ class Bracket:
         else:
             low, high = kth_smallest(sample, [m - below + 1])[0], math.inf
         return cls(low, high) if low > 0.0 else None
-
-    def split(self, magnitudes: torch.Tensor, keep: torch.Tensor, band: torch.Tensor) -> None:
-        """Fill ``keep`` with 1.0 where |x| > high (else 0.0) and ``band`` with |x| where low ≤ |x| ≤ high (else
-        0.0), from ``magnitudes`` (float arithmetic: ``threshold`` keeps x > t; several times cheaper than boolean
-        masks on CPU)."""
-        torch.threshold(magnitudes, self.high, 0.0, out=keep)
-        torch.threshold(magnitudes, self.low_cut, 0.0, out=band).sub_(keep)
-        keep.sign_()
 
     def inside(self, values: torch.Tensor) -> torch.Tensor:
         """The |x| of ``values`` inside [low, high]."""

@@ -31,6 +31,8 @@ from mergelab.merging.ops import (
     sample_rows,
     scale_rows,
     sign_total_rows,
+    strided_rows,
+    task_rows,
     top_cut,
     trim,
     trim_rank,
@@ -46,7 +48,7 @@ Disjoint = Literal["sum", "mean"]
 _SAMPLE_PASS, _BRACKET_PASS, _HIGH_PASS, _LOW_PASS, _SIGN_PASS = range(5)
 
 
-PARALLEL_MIN = 1 << 20  # entries per tensor from which the T per-tensor selections run in parallel threads
+PARALLEL_MIN = 1 << 20  # entries from which CPU work is split over threads (the T selections, open-position scans)
 DEFER_BYTES = 1 << 28  # τ values global TIES may hold over its counting pass (beyond it: the exact passes run)
 GLOBAL_SAMPLE = 1 << 22  # |τ_t| values global TIES samples per model to bracket κ_t
 BRACKET_MIN = 1 << 16  # entries from which a per-tensor merge brackets κ_t from a sample instead of selecting first
@@ -58,17 +60,6 @@ FUSED_PASS_CHUNK = 1 << 24  # entries per call of the compiled fused step (no te
 def chunk_scratch(rows: Sequence[TaskRow]) -> Scratch:
     """Buffers for one tensor's fused chunk loop (chunks of at most ``MERGE_CHUNK`` entries)."""
     return Scratch(min(rows[0].numel, MERGE_CHUNK), rows[0].model)
-
-
-def difference_rows(base: torch.Tensor, models: Sequence[torch.Tensor]) -> list[TaskRow]:
-    """τ_t = θ_t − θ₀ of one tensor, to compute chunk by chunk from inputs that are only read."""
-    flat_base = base.reshape(-1)
-    return [TaskRow(m.reshape(-1), flat_base) for m in models]
-
-
-def owned_rows(taus: Sequence[torch.Tensor]) -> list[TaskRow]:
-    """τ_t the method owns (DARE's dropped task vectors): trimmed in place."""
-    return [TaskRow(t.reshape(-1)) for t in taus]
 
 
 def row_pieces(rows: Sequence[TaskRow], s: slice, work: Scratch) -> list[torch.Tensor]:
@@ -149,8 +140,8 @@ class StridedSample:
     def add(self, rows: Sequence[TaskRow]) -> None:
         while self.size + -(-rows[0].numel // self.stride) > self.cap and self.stride < rows[0].numel:
             self._thin()
-        for part, row in zip(self.parts, rows, strict=True):
-            part.append(row.strided_magnitudes(self.stride))
+        for part, sample in zip(self.parts, strided_rows(rows, self.stride), strict=True):
+            part.append(sample)
         self.size += self.parts[0][-1].numel()
 
     def _thin(self) -> None:
@@ -275,7 +266,7 @@ class Ties(MergeMethod):
     # -- engine interface -------------------------------------------------------------------------------------
 
     def observe(self, pass_index: int, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> None:
-        self._observe_rows(pass_index, difference_rows(require_base(base, self.name), models))
+        self._observe_rows(pass_index, task_rows(require_base(base, self.name), models))
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> torch.Tensor:
         base = require_base(base, self.name)
@@ -285,7 +276,7 @@ class Ties(MergeMethod):
 
     def observe_task_vectors(self, pass_index: int, name: str, taus: Sequence[torch.Tensor]) -> None:
         """Accumulate the global statistics of one tensor's task vectors (global scope only), chunk by chunk."""
-        self._observe_rows(pass_index, owned_rows(taus))
+        self._observe_rows(pass_index, task_rows(None, taus))
 
     def merge_task_vectors(self, name: str, taus: Sequence[torch.Tensor]) -> torch.Tensor:
         """τ_m for one tensor (already scaled by λ), from the method's own τ_t (trimmed in place where needed)."""
@@ -407,7 +398,7 @@ class Ties(MergeMethod):
             merged = self._merge_bracketed(base, models, count)
             if merged is not None:
                 return merged
-        rows = [TaskRow(m, base) for m in models] if base is not None else owned_rows(models)
+        rows = task_rows(base, models)
         cuts = per_tensor_cuts(rows, count, self.params.tie_break)
         merged, work = models[0].new_empty(numel), chunk_scratch(rows)
         for s in chunk_slices(numel, MERGE_CHUNK):
@@ -472,7 +463,7 @@ class Ties(MergeMethod):
         falls inside its bracket are merged again once the pass has counted κ_t exactly (with the elementwise steps
         of the exact path, so the same values). None where a bracket misses κ_t (or mergekit's argsort order
         decides straddling ties): the caller then takes the exact path."""
-        rows = [TaskRow(m, base) for m in models] if base is not None else [TaskRow(m) for m in models]
+        rows = task_rows(base, models)
         brackets = [Bracket.guess(sample, count / rows[0].numel) for sample in sample_rows(rows)]
         if any(b is None for b in brackets):
             return None
@@ -490,7 +481,7 @@ class Ties(MergeMethod):
                 return None
             cuts.append(MagnitudeCut(kappa, count - greater, tied))
         if positions.numel():
-            fixed = self._trimmed_rows(owned_rows(values), cuts, slice(0, positions.numel()),
+            fixed = self._trimmed_rows(task_rows(None, values), cuts, slice(0, positions.numel()),
                                        Scratch(positions.numel(), values))  # fmt: skip
             merged = disjoint_merge_rows(fixed, 1.0, self.params.disjoint)
             result[positions] = base[positions] + merged if base is not None else merged
